@@ -1,0 +1,12 @@
+"""Calibration and evaluation images: folders on disk, the bundled real sets, CIFAR-10.
+
+    images = load_image_set("cifar10-calib", num=256)      # or any folder
+    loader = make_loader(images, model, batch_size=64)     # preprocessing from timm's data config
+"""
+from .errors import CalibrationDataError
+from .images import (BUNDLED, ImageSet, bundled_path, cifar10_test_set, default_calibration_for,
+                     default_evaluation_for, load_image_set, make_loader, resolve_data_config)
+
+__all__ = ["BUNDLED", "CalibrationDataError", "ImageSet", "bundled_path", "cifar10_test_set",
+           "default_calibration_for", "default_evaluation_for", "load_image_set", "make_loader",
+           "resolve_data_config"]
