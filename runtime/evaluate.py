@@ -1,0 +1,217 @@
+"""Accuracy harness: top-1/top-5 on real labelled images for every variant of a model,
+plus agreement with the dense model (top-1 agreement, logit cosine, KL(dense || variant)).
+
+Variants are plain callables ``images (N,3,H,W float32 tensor) -> logits``: the dense
+PyTorch model, the compressed one (with or without INT8 fake-quant) and ONNX files run
+through a runtime backend. Images are decoded once and fed to every variant batch by batch.
+
+    python -m runtime eval --compressed runs/x/compressed --onnx-dir runs/x/onnx --data cifar10-test
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+Variant = Callable[[torch.Tensor], np.ndarray]
+ONNX_ORDER = ("dense.onnx", "dense.fp16.onnx", "dense.int8.onnx",
+              "model.onnx", "model.fp16.onnx", "model.int8.onnx")
+
+
+@dataclass(frozen=True)
+class Scores:
+    """Accuracy of one variant; agreement fields are None for the reference itself."""
+    n: int
+    top1: float
+    top5: float
+    agreement: float | None = None
+    cosine: float | None = None
+    kl: float | None = None
+    seconds: float = 0.0
+
+
+def _log_softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(axis=1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+
+
+def score(logits: np.ndarray, labels: np.ndarray, reference: np.ndarray | None = None,
+          seconds: float = 0.0) -> Scores:
+    """Top-1/top-5 against labels and, given reference logits, agreement/cosine/KL."""
+    logits = np.asarray(logits, dtype=np.float64)
+    if not np.isfinite(logits).all():
+        raise ValueError("non-finite logits: the variant produced NaN/Inf")
+    k = min(5, logits.shape[1])
+    top = np.argsort(-logits, axis=1)[:, :k]
+    top1 = float((top[:, 0] == labels).mean())
+    top5 = float((top == labels[:, None]).any(axis=1).mean())
+    if reference is None:
+        return Scores(len(labels), top1, top5, seconds=seconds)
+    ref = np.asarray(reference, dtype=np.float64)
+    agreement = float((ref.argmax(1) == top[:, 0]).mean())
+    cos = (ref * logits).sum(1) / (np.linalg.norm(ref, axis=1) * np.linalg.norm(logits, axis=1) + 1e-30)
+    lp, lq = _log_softmax(ref), _log_softmax(logits)
+    kl = float((np.exp(lp) * (lp - lq)).sum(1).mean())
+    return Scores(len(labels), top1, top5, agreement, float(cos.mean()), kl, seconds)
+
+
+def evaluate(variants: dict[str, Variant], loader, reference: str | None = None,
+             progress: bool = True) -> dict[str, Scores]:
+    """Run every variant on every batch; score against labels and the reference variant."""
+    from tqdm import tqdm
+
+    outs: dict[str, list[np.ndarray]] = {k: [] for k in variants}
+    secs = dict.fromkeys(variants, 0.0)
+    labels = []
+    for x, y in tqdm(loader, desc="evaluating", unit="batch", disable=not progress, mininterval=2):
+        if (y < 0).any():
+            raise ValueError("the evaluation images are unlabelled; pass an ImageFolder or a labelled set")
+        labels.append(y.numpy())
+        for name, fn in variants.items():
+            t = time.perf_counter()
+            outs[name].append(np.asarray(fn(x), dtype=np.float32))
+            secs[name] += time.perf_counter() - t
+    y = np.concatenate(labels)
+    logits = {k: np.concatenate(v) for k, v in outs.items()}
+    ref = logits.get(reference) if reference else None
+    return {k: score(v, y, None if k == reference else ref, secs[k]) for k, v in logits.items()}
+
+
+def torch_variant(model: torch.nn.Module) -> Variant:
+    model.eval()
+
+    def run(x: torch.Tensor) -> np.ndarray:
+        with torch.inference_mode():
+            return model(x).float().numpy()
+    return run
+
+
+def backend_variant(backend) -> Variant:
+    return lambda x: backend.run(x.numpy())
+
+
+def _resolve_data(spec: str | None, model_name: str, num: int | None, seed: int):
+    from calibration_data import cifar10_test_set, default_evaluation_for, load_image_set
+
+    if spec in ("cifar10-test", "cifar10:test"):
+        return cifar10_test_set(num=num, seed=seed)
+    return load_image_set(spec or default_evaluation_for(model_name), num=num, seed=seed)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--compressed", type=Path, help="compressed model directory (from python -m compress)")
+    p.add_argument("--model", help="dense model (timm name or bundled reference) when no --compressed")
+    p.add_argument("--checkpoint", type=Path, help="local checkpoint for --model")
+    p.add_argument("--onnx-dir", type=Path, help="export directory: every *.onnx in it is evaluated via --backend")
+    p.add_argument("--onnx", type=Path, action="append", default=[], help="one ONNX file (repeatable)")
+    p.add_argument("--backend", default="ort", help="runtime backend for ONNX files (default: ort)")
+    p.add_argument("--data", help="image folder, bundled set name, or 'cifar10-test' (full 10k test split); "
+                                  "default: the bundled eval set for the model")
+    p.add_argument("--num", type=int, help="seeded subset of N images")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--no-fake-quant", action="store_true", help="skip the INT8 fake-quant PyTorch variant")
+    p.add_argument("--out", type=Path, help="write the JSON result here")
+
+
+def _variants(args):
+    """Build the variants asked for: (variants, model name, info, backends to close, dense model)."""
+    import compress
+
+    variants: dict[str, Variant] = {}
+    closers = []
+    if args.compressed:
+        model, manifest = compress.load_compressed(args.compressed)
+        spec = manifest["model"]
+        dense = compress.load_model(spec["name"], checkpoint=spec.get("checkpoint"),
+                                    pretrained=spec.get("pretrained", False), **spec.get("kwargs", {}))
+        variants["dense"] = torch_variant(dense)
+        variants["compressed"] = torch_variant(model)
+        act_ranges = manifest.get("quant", {}).get("act_ranges")
+        if act_ranges and not args.no_fake_quant:
+            from compress.quantize import apply_fake_quant_
+
+            fq, _ = compress.load_compressed(args.compressed)
+            apply_fake_quant_(fq, act_ranges)
+            variants["compressed-int8-fakequant"] = torch_variant(fq)
+        name, info = spec["name"], {"compressed": str(args.compressed), "manifest_params": manifest.get("params")}
+    elif args.model:
+        dense = compress.load_model(args.model, checkpoint=args.checkpoint)
+        variants["dense"] = torch_variant(dense)
+        name, info = args.model, {}
+    else:
+        raise compress.CompressError("nothing to evaluate: pass --compressed DIR or --model NAME")
+    onnx_files = list(args.onnx)
+    if args.onnx_dir:
+        onnx_files += [args.onnx_dir / f for f in ONNX_ORDER if (args.onnx_dir / f).is_file()]
+    if onnx_files:
+        from runtime.backends import open_backend
+
+        for f in onnx_files:
+            backend = open_backend(args.backend, f)
+            closers.append(backend)
+            variants[f"{args.backend}:{Path(f).name}"] = backend_variant(backend)
+    info["data_config_model"] = name
+    return variants, name, info, closers, dense
+
+
+def main(args: argparse.Namespace) -> int:
+    from calibration_data import make_loader
+
+    variants, name, info, closers, dense = _variants(args)
+    try:
+        images = _resolve_data(args.data, name, args.num, args.seed)
+        loader = make_loader(images, dense, batch_size=args.batch_size)
+        scores = evaluate(variants, loader, reference="dense")
+    finally:
+        for b in closers:
+            b.close()
+    result = {"model": name, "data": {"root": images.root, "num_images": len(images),
+                                      "seed": args.seed}, **info,
+              "variants": {k: asdict(v) for k, v in scores.items()}}
+    print(format_table(scores))
+    if args.out:
+        write_json(args.out, result)
+        print(f"wrote {args.out}")
+    return 0
+
+
+def format_table(scores: dict[str, Scores]) -> str:
+    def pct(v):
+        return "-" if v is None else f"{100 * v:.2f}"
+    rows = ["| variant | images | top-1 % | top-5 % | agree % | cosine | KL |", "|---|---|---|---|---|---|---|"]
+    for k, s in scores.items():
+        cos = "-" if s.cosine is None else f"{s.cosine:.5f}"
+        kl = "-" if s.kl is None else f"{s.kl:.5f}"
+        rows.append(f"| {k} | {s.n} | {pct(s.top1)} | {pct(s.top5)} | {pct(s.agreement)} | {cos} | {kl} |")
+    return "\n".join(rows)
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Atomic JSON write (tmp file + rename) so a crash never leaves half a result."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=_jsonable) + "\n")
+    os.replace(tmp, path)
+
+
+def _jsonable(v):
+    if isinstance(v, float) and math.isnan(v):
+        return None
+    if isinstance(v, (np.floating, np.integer)):
+        return v.item()
+    if isinstance(v, Path):
+        return str(v)
+    raise TypeError(f"not JSON serialisable: {type(v).__name__}")
