@@ -21,6 +21,7 @@ from runtime.errors import RuntimeStageError
 DELEGATED = {
     "engine": ("runtime.engine", "build TensorRT engines from an export directory"),
     "eval": ("runtime.evaluate", "accuracy of the compressed model and its ONNX files"),
+    "study": ("runtime.study", "methods x allocations x compensation at equal budgets, on real labelled images"),
 }
 # Other packages' user-error types, recognised if already imported by the command that raised.
 _USER_ERRORS = (("calibration_data.errors", "CalibrationDataError"), ("compress.errors", "CompressError"),

@@ -1,0 +1,309 @@
+"""Compressed directory -> the six ONNX files + export_report.json, each checked against PyTorch.
+
+    dense.onnx / dense.int8.onnx / dense.fp16.onnx   the original model (the baseline)
+    model.onnx / model.int8.onnx / model.fp16.onnx   the compressed model (low-rank pairs)
+
+Everything is built in a temporary folder inside ``out`` and moved into place with
+os.replace only when every parity check passed; on a parity failure only the report is
+written (so nothing downstream picks up a wrong file) and ParityError is raised.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .errors import ExportError, ParityError
+from .onnx_export import MIN_OPSET, check_opset
+
+log = logging.getLogger(__name__)
+
+VARIANTS = ("dense", "model")  # file stems: the original and the compressed model
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """How to export: target opset, which variants, and the parity images."""
+    opset: int = MIN_OPSET
+    int8: bool = True
+    fp16: bool = True
+    calib: str | None = None   # image folder for parity; default: the model's bundled calibration set
+    num_parity: int = 64
+    batch_size: int = 32
+    threads: int = 1           # ONNX Runtime intra-op threads for the parity runs
+    device: str = "cpu"
+
+    def __post_init__(self):
+        check_opset(self.opset)
+        if self.num_parity < 1:
+            raise ExportError(f"--num-parity must be >= 1, got {self.num_parity}")
+        if self.batch_size < 1:
+            raise ExportError(f"batch size must be >= 1, got {self.batch_size}")
+
+
+# ----------------------------------------------------------------------------- loading
+def load_artifacts(compressed_dir) -> tuple[object, dict, object]:
+    """(compressed model, manifest, dense model) from a compress output directory alone."""
+    import torch
+
+    from compress.artifact import load_compressed
+    from compress.errors import CompressError
+    from compress.models import load_model
+
+    d = Path(compressed_dir)
+    if not d.is_dir():
+        raise ExportError(f"compressed directory {d} does not exist (run `make compress` first)")
+    try:
+        model, manifest = load_compressed(d)
+    except CompressError as e:
+        raise ExportError(f"cannot load {d}: {e}") from None
+    spec = manifest["model"]
+    seed = (manifest.get("config") or {}).get("seed")
+    try:
+        with torch.random.fork_rng(devices=[]):
+            if spec.get("weights") == "random-init" and seed is not None:
+                torch.manual_seed(seed)  # compress seeds exactly like this before building the model
+            dense = load_model(spec["name"], checkpoint=spec.get("checkpoint"),
+                               pretrained=spec.get("pretrained"), **(spec.get("kwargs") or {}))
+    except CompressError as e:
+        raise ExportError(f"cannot rebuild the dense model {spec.get('name')}: {e}") from None
+    check_architecture(model, dense, manifest)
+    if not same_origin(model, dense):
+        log.warning("the rebuilt dense %s differs from the compressed model outside its factorised layers "
+                    "(weights: %s): dense.* files are not the model that was compressed",
+                    spec.get("name"), spec.get("weights"))
+    return model.eval(), manifest, dense.eval()
+
+
+def same_origin(model, dense) -> bool:
+    """True when every parameter outside the LowRankLinears equals the dense model's (the
+    embeddings, norms and head are never changed by compress)."""
+    import torch
+
+    from compress.lowrank import lowrank_layers
+
+    inside = tuple(f"{n}." for n in lowrank_layers(model))
+    dense_params = dict(dense.named_parameters())
+    return all(torch.equal(p, dense_params[n]) for n, p in model.named_parameters()
+               if not n.startswith(inside) and n in dense_params)
+
+
+def check_architecture(model, dense, manifest: dict) -> None:
+    """The compressed model, the dense model and the manifest must describe one architecture."""
+    from torch import nn
+
+    from compress.lowrank import LowRankLinear, lowrank_layers
+
+    def fail(msg):
+        raise ExportError(f"architecture mismatch: {msg}")
+
+    lowrank = lowrank_layers(model)
+    for name, info in manifest["layers"].items():
+        try:
+            d = dense.get_submodule(name)
+        except AttributeError:
+            fail(f"layer {name} of the manifest is not in the dense {manifest['model'].get('name')}")
+        if not isinstance(d, nn.Linear) or (d.out_features, d.in_features) != (info["out"], info["in"]):
+            fail(f"{name} is {tuple(getattr(d, 'weight', d).shape)} in the dense model, "
+                 f"manifest says {info['out']}x{info['in']}")
+        if info.get("dense"):
+            continue
+        m = lowrank.get(name)
+        if not isinstance(m, LowRankLinear):
+            fail(f"{name} is compressed in the manifest but not a LowRankLinear in the loaded model")
+        got = (m.in_features, m.out_features, m.rank, m.comp_rank)
+        want = (info["in"], info["out"], info["rank"], info.get("comp_rank", 0))
+        if got != want:
+            fail(f"{name} is (in, out, rank, comp_rank) {got}, manifest says {want}")
+    inside = {f"{n}." for n in lowrank}
+    dense_params = dict(dense.named_parameters())
+    for name, p in model.named_parameters():
+        if any(name.startswith(pre) for pre in inside):
+            continue
+        q = dense_params.get(name)
+        if q is None or q.shape != p.shape:
+            fail(f"parameter {name} {tuple(p.shape)} has no counterpart of that shape in the dense model")
+
+
+def quantized_linears(model, ranges: dict[str, dict]):
+    """QuantizedLinear specs (int8 weights from compress.quantize) for the layers in ``ranges``."""
+    from torch import nn
+
+    from compress.lowrank import LowRankLinear
+    from compress.quantize import quantize_weight
+
+    from .qdq import QuantizedLinear
+
+    def int8(lin):
+        q, s = quantize_weight(lin.weight)
+        return q.cpu().numpy(), s.cpu().numpy()
+
+    out = []
+    for name, r in ranges.items():
+        try:
+            mod = model.get_submodule(name)
+        except AttributeError:
+            raise ExportError(f"architecture mismatch: quantized layer {name} is not in the model") from None
+        if isinstance(mod, LowRankLinear):
+            weights = {f"{name}.first": int8(mod.first), f"{name}.second": int8(mod.second)}
+        elif isinstance(mod, nn.Linear):
+            weights = {name: int8(mod)}
+        else:
+            raise ExportError(f"architecture mismatch: quantized layer {name} is a {type(mod).__name__}, not a Linear")
+        out.append(QuantizedLinear(name, r["input"], r.get("mid"), weights))
+    return out
+
+
+# ----------------------------------------------------------------------------- export
+def export_variant(model, input_size, opset: int, expect_pairs: bool) -> object:
+    """fp32 ONNX of one model with canonical Linears (and, for the compressed one, checked pairs)."""
+    from compress.lowrank import lowrank_layers
+
+    from .linears import canonicalize_linears, check_pairs, linear_weights
+    from .onnx_export import export_onnx
+
+    proto = export_onnx(model, input_size, opset)
+    proto, _ = canonicalize_linears(proto, linear_weights(model))
+    expected = {n: (m.in_features, m.rank + m.comp_rank, m.out_features)
+                for n, m in lowrank_layers(model).items()}
+    if expect_pairs and not expected:
+        raise ExportError("the compressed model has no LowRankLinear layers")
+    check_pairs(proto, expected)
+    return proto
+
+
+def parity_batches(images_dir, model, num: int, batch_size: int) -> list:
+    """Real images preprocessed with the model's timm data config, as float32 numpy batches."""
+    from calibration_data import CalibrationDataError, load_image_set, make_loader
+
+    try:
+        images = load_image_set(images_dir, num=num)
+        return [x.numpy() for x, _ in make_loader(images, model, batch_size=batch_size)]
+    except CalibrationDataError as e:
+        raise ExportError(str(e)) from None
+
+
+def export_compressed(compressed_dir, out_dir, options: ExportOptions | None = None) -> dict:
+    """Write the ONNX files and export_report.json to ``out_dir``; returns the report."""
+    import onnx
+    import timm.data
+
+    from calibration_data import default_calibration_for
+
+    from .fp16 import to_fp16
+    from .qdq import insert_qdq
+
+    options = options or ExportOptions()
+    model, manifest, dense = load_artifacts(compressed_dir)
+    quant = manifest.get("quant") or {}
+    ranges = {"model": quant.get("act_ranges"), "dense": quant.get("dense_act_ranges")}
+    if options.int8 and not all(ranges.values()):
+        raise ExportError("the manifest has no INT8 calibration (quant.act_ranges / dense_act_ranges); "
+                          "re-run compress with quantization or pass --no-int8")
+    models = {"dense": dense, "model": model}
+    qspecs = {k: quantized_linears(models[k], ranges[k]) for k in VARIANTS} if options.int8 else {}
+    input_size = tuple(timm.data.resolve_data_config({}, model=dense)["input_size"])
+    calib = options.calib or default_calibration_for(manifest["model"]["name"])
+    batches = parity_batches(calib, dense, options.num_parity, options.batch_size)
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=out))
+    try:
+        files: dict[str, dict] = {}
+        for stem in VARIANTS:
+            m = models[stem]
+            proto = export_variant(m, input_size, options.opset, expect_pairs=stem == "model")
+            jobs = [(f"{stem}.onnx", proto, "fp32", None)]
+            if options.int8:
+                jobs.append((f"{stem}.int8.onnx", insert_qdq(proto, qspecs[stem]), "int8", ranges[stem]))
+            if options.fp16:
+                jobs.append((f"{stem}.fp16.onnx", to_fp16(proto), "fp16", None))
+            for fname, p, precision, r in jobs:
+                onnx.checker.check_model(p)
+                onnx.save(p, str(tmp / fname))
+                files[fname] = check_file(tmp / fname, m, precision, r, batches, options.threads)
+        report = build_report(manifest, models, options, calib, files)
+        (tmp / "export_report.json").write_text(json.dumps(report, indent=2, default=_json_default))
+        failed = [f for f, s in files.items() if not s["parity"]["passed"]]
+        names = ["export_report.json"] if failed else [*files, "export_report.json"]
+        for name in names:
+            os.replace(tmp / name, out / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if failed:
+        p = files[failed[0]]["parity"]
+        raise ParityError(f"parity failed for {', '.join(failed)} (e.g. {failed[0]}: max abs "
+                          f"{p['max_abs']:.3g}, top-1 {p['top1_agreement']:.1%}); no ONNX written, "
+                          f"see {out / 'export_report.json'}")
+    return report
+
+
+def check_file(path: Path, model, precision: str, ranges: dict | None, batches, threads: int) -> dict:
+    """Stats + parity of one written file; int8 files are compared with the fake-quant model."""
+    from compress.quantize import apply_fake_quant_, remove_fake_quant_
+
+    from .parity import TOLERANCES, check_parity
+    from .stats import graph_stats
+
+    reference = "pytorch " + ("fake-quant int8" if ranges is not None else "fp32")
+    if ranges is not None:
+        apply_fake_quant_(model, ranges)
+    try:
+        parity = check_parity(path, model, batches, TOLERANCES[precision], reference, threads)
+    finally:
+        if ranges is not None:
+            remove_fake_quant_(model)
+    log.info("%s", parity)
+    return {"precision": precision, **graph_stats(path), "parity": parity.to_dict()}
+
+
+def build_report(manifest, models, options, calib, files) -> dict:
+    import numpy as np
+    import onnx
+    import onnx_graphsurgeon
+    import onnxruntime
+    import polygraphy
+    import timm
+    import torch
+
+    from compress.lowrank import lowrank_layers
+
+    from .parity import TOLERANCES
+
+    params = {k: sum(p.numel() for p in m.parameters()) for k, m in models.items()}
+    return {
+        "model": manifest["model"],
+        "opset": options.opset,
+        "options": asdict(options),
+        "parity_images": {"folder": str(calib), "count": next(iter(files.values()))["parity"]["images"]},
+        "params": params,
+        "dense_is_compressed_origin": same_origin(models["model"], models["dense"]),
+        "fp32_param_bytes": {k: 4 * v for k, v in params.items()},
+        "lowrank_layers": {n: {"in": m.in_features, "width": m.rank + m.comp_rank, "rank": m.rank,
+                               "comp_rank": m.comp_rank, "out": m.out_features}
+                           for n, m in lowrank_layers(models["model"]).items()},
+        "tolerances": {k: asdict(v) for k, v in TOLERANCES.items()},
+        "files": files,
+        "passed": all(f["parity"]["passed"] for f in files.values()),
+        "versions": {"python": sys.version.split()[0], "torch": torch.__version__, "timm": timm.__version__,
+                     "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
+                     "onnx_graphsurgeon": onnx_graphsurgeon.__version__,
+                     "polygraphy": polygraphy.__version__, "numpy": np.__version__,
+                     "exporter": "torch.onnx.export(dynamo=True)"},
+    }
+
+
+def _json_default(o):
+    import numpy as np
+
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")

@@ -1,0 +1,172 @@
+"""The paper's comparison on our models: every factorisation method, uniform vs mixed ranks,
+with and without compensation, at equal parameter budgets, plus INT8 on top of the default.
+
+One calibration pass (compress's statistics cache serves every later configuration); the
+evaluation images are decoded once and kept as a tensor; every configuration is scored on
+them against the dense model (top-1, agreement, KL). Results: study.json, study.md and
+study.png (top-1 vs fraction of parameters removed, one line per method/allocation).
+
+    python -m runtime study --model vit_cifar_ref --data cifar10-test --out runs/study
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import logging
+import shutil
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from runtime.evaluate import Scores, score, write_json
+
+log = logging.getLogger(__name__)
+
+METHODS = ("plain", "diag", "mean-input", "whiten")
+ALLOCATIONS = ("uniform", "mixed")
+DEFAULT = ("whiten", "mixed")
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    return tuple(float(t) for t in text.split(",") if t.strip())
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="vit_cifar_ref")
+    p.add_argument("--checkpoint", help="local checkpoint for --model")
+    p.add_argument("--calib", help="calibration folder (default: bundled set for the model)")
+    p.add_argument("--num-calib", type=int, default=256)
+    p.add_argument("--data", default=None, help="evaluation images: folder, bundled name or cifar10-test "
+                                                "(default: cifar10-test for vit_cifar_*, else the bundled set)")
+    p.add_argument("--num", type=int, help="seeded subset of the evaluation images")
+    p.add_argument("--ratios", type=_floats, default=(0.4, 0.5, 0.6, 0.7))
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--allocations", default=",".join(ALLOCATIONS))
+    p.add_argument("--comp-rank", type=int, default=8, help="compensation rank for the 'with' rows")
+    p.add_argument("--no-int8", action="store_true", help="skip the INT8 rows")
+    p.add_argument("--stats-cache", default=None, help="statistics cache dir (default: compress's)")
+    p.add_argument("--batch-size", type=int, default=250)
+    p.add_argument("--out", type=Path, required=True)
+
+
+def _eval_tensor(model, data: str | None, model_name: str, num: int | None):
+    from calibration_data import make_loader
+    from runtime.evaluate import _resolve_data
+
+    if data is None and model_name.startswith("vit_cifar"):
+        data = "cifar10-test"
+    images = _resolve_data(data, model_name, num, 0)
+    xs, ys = [], []
+    for x, y in make_loader(images, model, batch_size=500):
+        xs.append(x)
+        ys.append(y)
+    return images, torch.cat(xs), torch.cat(ys).numpy()
+
+
+def _logits(model: torch.nn.Module, x: torch.Tensor, batch_size: int) -> np.ndarray:
+    model.eval()
+    with torch.inference_mode():
+        return torch.cat([model(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]).numpy()
+
+
+def main(args: argparse.Namespace) -> int:
+    from compress import load_model
+    from compress.pipeline import Config, default_stats_cache, run
+    from compress.quantize import apply_fake_quant_
+    from tqdm import tqdm
+
+    methods = [m for m in args.methods.split(",") if m]
+    allocations = [a for a in args.allocations.split(",") if a]
+    dense = load_model(args.model, checkpoint=args.checkpoint)
+    images, x, y = _eval_tensor(dense, args.data, args.model, args.num)
+    ref = _logits(dense, x, args.batch_size)
+    rows = [{"ratio": 0.0, "method": "dense", "allocation": "-", "comp_rank": 0, "int8": False,
+             "params": sum(p.numel() for p in dense.parameters()), **asdict(score(ref, y))}]
+    stats_cache = args.stats_cache or str(default_stats_cache())
+    configs = list(itertools.product(args.ratios, methods, allocations, (0, args.comp_rank)))
+    if not args.no_int8:
+        configs += [(r, *DEFAULT, args.comp_rank, "int8") for r in args.ratios]
+    work = Path(tempfile.mkdtemp(prefix="study-"))
+    try:
+        for cfg in tqdm(configs, desc="study", unit="config"):
+            ratio, method, allocation, comp = cfg[:4]
+            int8 = len(cfg) == 5
+            t = time.perf_counter()
+            res = run(Config(model=args.model, checkpoint=args.checkpoint, calib=args.calib,
+                             num_calib=args.num_calib, ratio=ratio, method=method, allocation=allocation,
+                             comp_rank=comp, quant=int8, stats_cache=stats_cache,
+                             out=str(work / "c")))
+            seconds = time.perf_counter() - t
+            model = res.model
+            if int8:
+                apply_fake_quant_(model, res.manifest["quant"]["act_ranges"])
+            s: Scores = score(_logits(model, x, args.batch_size), y, ref)
+            m = res.manifest
+            rows.append({"ratio": ratio, "method": method, "allocation": allocation, "comp_rank": comp,
+                         "int8": int8, "params": m["params"]["after"],
+                         "removed": m["params"]["removed_ratio"], "sum_error": m["errors"]["sum_svd"],
+                         "compress_seconds": round(seconds, 1), **asdict(s)})
+            log.info("%s", rows[-1])
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    result = {"model": args.model, "checkpoint": args.checkpoint, "data": images.root,
+              "num_images": len(y), "num_calib": args.num_calib, "rows": rows}
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_json(args.out / "study.json", result)
+    (args.out / "study.md").write_text(format_markdown(result))
+    plot(result, args.out / "study.png")
+    print(format_markdown(result))
+    return 0
+
+
+def format_markdown(result: dict) -> str:
+    rows = result["rows"]
+    dense = rows[0]
+    ratios = sorted({r["ratio"] for r in rows if r["method"] != "dense"})
+    head = ("| method | allocation | compensation | " + " | ".join(f"{100 * r:.0f}% fewer" for r in ratios) + " |")
+    out = [f"Top-1 % on {result['num_images']} images of {result['data']} (dense: "
+           f"{100 * dense['top1']:.2f}%, {dense['params']:,} parameters), {result['num_calib']} calibration images, "
+           "no fine-tuning. Cells: top-1 (agreement with dense).", "", head,
+           "|---|---|---|" + "---|" * len(ratios)]
+    keys = sorted({(r["method"], r["allocation"], r["comp_rank"], r["int8"]) for r in rows if r["method"] != "dense"},
+                  key=lambda k: (k[3], METHODS.index(k[0]) if k[0] in METHODS else 9, k[1], k[2]))
+    for method, alloc, comp, int8 in keys:
+        cells = []
+        for ratio in ratios:
+            hit = [r for r in rows if (r["method"], r["allocation"], r["comp_rank"], r["int8"], r["ratio"])
+                   == (method, alloc, comp, int8, ratio)]
+            cells.append(f"{100 * hit[0]['top1']:.2f} ({100 * hit[0]['agreement']:.1f})" if hit else "-")
+        label = f"{method}{' + INT8' if int8 else ''}"
+        out.append(f"| {label} | {alloc} | {'q=' + str(comp) if comp else 'off'} | " + " | ".join(cells) + " |")
+    return "\n".join(out) + "\n"
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    dense = rows[0]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    groups = sorted({(r["method"], r["allocation"], r["comp_rank"], r["int8"]) for r in rows if r["method"] != "dense"})
+    for method, alloc, comp, int8 in groups:
+        pts = sorted((r["ratio"], r["top1"]) for r in rows if (r["method"], r["allocation"], r["comp_rank"],
+                                                                r["int8"]) == (method, alloc, comp, int8))
+        style = "-" if alloc == "mixed" else ":"
+        ax.plot([100 * p[0] for p in pts], [100 * p[1] for p in pts], style, marker="o" if comp else "x",
+                label=f"{method}/{alloc}/{'comp' if comp else 'no comp'}{'/INT8' if int8 else ''}")
+    ax.axhline(100 * dense["top1"], color="k", lw=1, label="dense")
+    ax.set_xlabel("% of all parameters removed")
+    ax.set_ylabel("top-1 %")
+    ax.set_title(f"{result['model']}: accuracy vs compression (no fine-tuning)")
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
