@@ -1,0 +1,118 @@
+"""CLI: `python -m compress --model NAME --ratio 0.6 --out DIR` (see --help)."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from .errors import CompressError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit code 2 (argparse's default prints the usage too)
+        self.exit(2, f"error: {message} (see python -m compress --help)\n")
+
+
+def get_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="python -m compress",
+        description="Activation-aware mixed-rank low-rank compression (+ INT8 PTQ ranges) of a timm ViT. "
+                    "Writes DIR/{manifest.json, weights.safetensors, report.md, ranks.png}.")
+    g = p.add_argument_group("model")
+    g.add_argument("--model", required=True, help="timm model name (e.g. deit_tiny_patch16_224, vit_cifar_ref)")
+    g.add_argument("--checkpoint", help="local weights: .safetensors or a torch file (weights_only)")
+    w = g.add_mutually_exclusive_group()
+    w.add_argument("--pretrained", dest="pretrained", action="store_const", const=True, default=None,
+                   help="timm's pretrained weights (needs the model hub; bundled for vit_cifar_*)")
+    w.add_argument("--random-init", dest="pretrained", action="store_const", const=False,
+                   help="random weights even for bundled models (default: bundled weights for "
+                        "vit_cifar_* when present, random init for other models)")
+    g.add_argument("--include-head", action="store_true", help="also factorise the classifier head")
+    g = p.add_argument_group("calibration")
+    g.add_argument("--calib", help="image folder (flat or one subfolder per class); default: the bundled "
+                                   "set matching the model (CIFAR-10 for vit_cifar_*, else ImageNet)")
+    g.add_argument("--num-calib", type=int, default=256, help="images to use (seeded subset; default 256)")
+    g.add_argument("--batch-size", type=int, default=32)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--stats-cache", metavar="DIR", default=None,
+                   help="cache calibration statistics here (default: ~/.cache/vit-edge/compress-stats)")
+    g.add_argument("--no-stats-cache", action="store_true", help="always recompute the statistics")
+    g = p.add_argument_group("budget (exactly one)")
+    b = g.add_mutually_exclusive_group(required=True)
+    b.add_argument("--ratio", type=float, help="fraction of ALL model parameters to remove, e.g. 0.6")
+    b.add_argument("--params", type=int, help="parameter count of the whole compressed model")
+    b.add_argument("--size-mb", type=float, help="float32 size of the compressed model in MB (10^6 bytes)")
+    g = p.add_argument_group("method")
+    g.add_argument("--method", default="whiten", choices=("whiten", "plain", "diag", "mean-input"))
+    g.add_argument("--allocation", default="mixed", choices=("mixed", "uniform"))
+    g.add_argument("--granule", type=int, default=8, help="ranks are multiples of this (default 8)")
+    g.add_argument("--comp-rank", type=int, default=8, help="rank q of the compensation term, 0 = off")
+    g.add_argument("--comp-steps", type=int, default=50,
+                   help="Adam steps refining the closed-form compensation start (0: closed form only)")
+    g.add_argument("--comp-images", type=int, default=64,
+                   help="calibration images used by the sequential compensation pass (0: all; default 64)")
+    g.add_argument("--gram-precision", default="float64", choices=("float64", "float32"),
+                   help="dtype of each batch's Gram product (sums are float64); float32 is ~2x faster")
+    g.add_argument("--alpha", type=float, default=0.5, help="exponent of the diag variant")
+    g.add_argument("--damping", type=float, default=1e-4, help="whitening damping, relative to mean(diag C)")
+    g = p.add_argument_group("quantization")
+    g.add_argument("--no-quant", action="store_true", help="skip INT8 calibration and fake-quant evaluation")
+    g.add_argument("--quant-calib", default="minmax", choices=("minmax", "percentile"))
+    g.add_argument("--percentile", type=float, default=99.99)
+    g = p.add_argument_group("run")
+    g.add_argument("--out", required=True, help="output directory (replaced atomically)")
+    g.add_argument("--device", default="cpu")
+    g.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
+    g.add_argument("-q", "--quiet", action="store_true", help="warnings only")
+    return p
+
+
+def config_from_args(args: argparse.Namespace):
+    from .pipeline import Config, default_stats_cache
+
+    cache = None if args.no_stats_cache else (args.stats_cache or str(default_stats_cache()))
+    return Config(model=args.model, out=args.out, checkpoint=args.checkpoint, pretrained=args.pretrained,
+                  calib=args.calib, num_calib=args.num_calib, batch_size=args.batch_size, seed=args.seed,
+                  ratio=args.ratio, params=args.params, size_mb=args.size_mb, method=args.method,
+                  allocation=args.allocation, granule=args.granule, comp_rank=args.comp_rank,
+                  comp_steps=args.comp_steps, comp_images=args.comp_images,
+                  gram_precision=args.gram_precision, alpha=args.alpha, damping=args.damping, quant=not args.no_quant,
+                  quant_calib=args.quant_calib, percentile=args.percentile, include_head=args.include_head,
+                  stats_cache=cache, device=args.device)
+
+
+def main(argv=None) -> int:
+    args = get_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    from calibration_data import CalibrationDataError
+
+    try:
+        if args.threads > 0:
+            import torch
+
+            torch.set_num_threads(args.threads)
+        from .pipeline import run
+
+        result = run(config_from_args(args))
+    except (CompressError, CalibrationDataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    m = result.manifest
+    p = m["params"]
+    print(f"{m['model']['name']}: {p['before']:,} -> {p['after']:,} parameters "
+          f"({p['removed_ratio']:.1%} of the model, {p['compressible_removed_ratio']:.1%} of compressible layers)")
+    ag = m["agreement"].get("compressed_fp32_vs_dense")
+    if ag:
+        print(f"top-1 agreement with the dense model on the calibration images: {ag['top1_agreement']:.1%} (fp32)"
+              + (f", {m['agreement']['compressed_int8_vs_dense']['top1_agreement']:.1%} (int8)"
+                 if "compressed_int8_vs_dense" in m["agreement"] else ""))
+    print(f"wrote {result.out} in {m['timings']['total']:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""Human-readable report of a compressed model, rendered from its manifest alone."""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def _f(x, fmt="{:.4f}") -> str:
+    return "n/a" if x is None else fmt.format(x)
+
+
+def render_report(manifest: dict) -> str:
+    m, p, b = manifest["model"], manifest["params"], manifest["budget"]
+    cal, q = manifest.get("calibration", {}), manifest.get("quant", {})
+    lines = [
+        f"# Compressed {m['name']}",
+        "",
+        f"- weights: {m.get('weights', '?')}" + (f" ({m['checkpoint']})" if m.get("checkpoint") else ""),
+        f"- method: `{manifest['method']}`, allocation: `{manifest['allocation']}`, granule {manifest['granule']}, "
+        f"compensation rank {manifest['comp_rank']}",
+        f"- budget: {b['description']} (target <= {b['target_params']:,} parameters)",
+        f"- calibration: {cal.get('images', '?')} images from `{cal.get('path', '?')}` "
+        f"(hash {cal.get('hash', '?')}, seed {cal.get('seed', '?')})",
+        "",
+        "## Parameters",
+        "",
+        "| scope | before | after | removed |",
+        "|---|---:|---:|---:|",
+        f"| whole model (every parameter) | {p['before']:,} | {p['after']:,} | {p['removed_ratio']:.2%} |",
+        f"| compressible Linear layers | {p['compressible_before']:,} | {p['compressible_after']:,} | "
+        f"{p['compressible_removed_ratio']:.2%} |",
+        "",
+        "## Layers",
+        "",
+        "Errors are normalised output errors ||(W - W')X||^2 / ||WX||^2 (METHOD.md §1): `svd` on the "
+        "dense network's inputs (the allocation's prediction), `seq before/after` on the inputs of the "
+        "compressed network before and after error compensation (METHOD.md §4).",
+        "",
+        "| layer | out x in | rank | comp | params | of dense | svd | seq before | seq after |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, l in manifest["layers"].items():
+        rank = "dense" if l["dense"] else str(l["rank"])
+        lines.append(
+            f"| {name} | {l['out']}x{l['in']} | {rank} | {l['comp_rank']} | {l['params']:,} | "
+            f"{l['params'] / l['dense_params']:.0%} | {_f(l.get('error'))} | {_f(l.get('error_seq_before'))} | "
+            f"{_f(l.get('error_seq_after'))} |")
+    e = manifest.get("errors", {})
+    lines += ["", "## Totals", "",
+              f"- sum of predicted layer errors (svd): {_f(e.get('sum_svd'))}",
+              f"- sum of sequential errors before / after compensation: {_f(e.get('sum_seq_before'))} / "
+              f"{_f(e.get('sum_seq_after'))}" + (f" (compensation removes {e['compensation_gain']:.1%})"
+                                                  if e.get("compensation_gain") is not None else "")]
+    ag = manifest.get("agreement", {})
+    if ag:
+        lines += ["", "## Outputs on the calibration images", "",
+                  "| comparison | relative logit error | cosine | top-1 agreement |", "|---|---:|---:|---:|"]
+        for k, v in ag.items():
+            lines.append(f"| {k.replace('_', ' ')} | {v['rel_error']:.4f} | {v['cosine']:.4f} | "
+                         f"{v['top1_agreement']:.2%} |")
+    lines += ["", "## INT8", ""]
+    if q.get("enabled"):
+        lines += [f"- weights: {q['weights']}", f"- activations: {q['activations']}, ranges by {q['calibration']}",
+                  f"- low-rank pairs balanced before calibration: {q.get('balanced', False)}"]
+    else:
+        lines.append("- quantization skipped (--no-quant); dense-model input ranges are still recorded")
+    t = manifest.get("timings", {})
+    if t:
+        lines += ["", "## Time (s)", "", " | ".join(f"{k} {v:.1f}" for k, v in t.items())]
+    return "\n".join(lines) + "\n"
+
+
+def plot_ranks(manifest: dict, path: str | Path) -> None:
+    """Bar plot of width per layer (rank + comp rank; dense layers drawn at full rank, grey)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(manifest["layers"])
+    layers = [manifest["layers"][n] for n in names]
+    full = [min(l["in"], l["out"]) for l in layers]
+    fig, ax = plt.subplots(figsize=(max(6, 0.22 * len(names) + 2), 3.6), dpi=110)
+    x = range(len(names))
+    ax.bar(x, full, color="#dddddd", label="full rank")
+    ax.bar(x, [0 if l["dense"] else l["rank"] for l in layers], color="#3b6ea8", label="SVD rank")
+    ax.bar(x, [0 if l["dense"] else l["comp_rank"] for l in layers],
+           bottom=[0 if l["dense"] else l["rank"] for l in layers], color="#e0a030", label="compensation")
+    ax.set_xticks(list(x))
+    ax.set_xticklabels(names, rotation=90, fontsize=6)
+    ax.set_ylabel("rank")
+    p = manifest["params"]
+    ax.set_title(f"{manifest['model']['name']}: {manifest['method']}/{manifest['allocation']}, "
+                 f"{p['removed_ratio']:.1%} of parameters removed", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
