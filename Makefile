@@ -21,11 +21,24 @@ BACKEND ?= ort
 BATCH_SIZES ?= 1,8,32
 PRECISION ?= fp16
 EPOCHS ?= 16
+THREADS ?= 2
+WARMUP ?= 5
+REPEATS ?= 30
+NUM_PARITY ?= 64
+NUM_EVAL ?=
+RATIOS ?= 0.2,0.3,0.4,0.5,0.6,0.7
+SWEEP_OUT ?= runs/sweep-$(MODEL)
+TARGET_LATENCY_MS ?=
+TARGET_SIZE_MB ?=
+FIT_OUT ?= runs/fit-$(MODEL)
+# Stage targets wait for `setup`; SETUP= runs them in the current environment as it is (e.g. JetPack).
+SETUP ?= $(STAMP)
 
 opt = $(if $(strip $(2)),$(1) $(2),)
 MODEL_ARGS = --model $(MODEL) $(call opt,--checkpoint,$(CHECKPOINT))
 
-.PHONY: setup test test-slow reference-model compress export engine bench eval bench-compress demo all sweep study clean
+.PHONY: setup test test-slow reference-model compress export engine bench eval report bench-compress demo all \
+	sweep fit study clean
 
 setup: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
@@ -43,23 +56,102 @@ test-slow: setup
 reference-model: setup
 	$(PY) -m compress.train_reference --epochs $(EPOCHS)
 
-compress: setup
-	$(PY) -m compress $(MODEL_ARGS) $(call opt,--calib,$(CALIB)) --num-calib $(NUM_CALIB) \
-	  --ratio $(RATIO) --method $(METHOD) --allocation $(ALLOCATION) --comp-rank $(COMP_RANK) \
-	  --granule $(GRANULE) --out $(OUT)/compressed
+# ---------------------------------------------------------------- the pipeline, one file per stage
+# Each stage target is the file its CLI writes last, so `make all` skips what is done. Options that
+# change a stage's output are hashed into a stamp file name ($(OUT)/.make/<stage>-<cksum>): a new
+# value means a new stamp (the old one is removed), hence a rerun of that stage and those after it;
+# the same values find the stamp older than the outputs and nothing runs. --threads is left out of
+# the compress/export stamps (speed only) but is part of the bench stamp (it changes the measurement).
+# Input files are prerequisites too: a newer CHECKPOINT, or a CALIB/VAL folder whose listing changed.
+stamp_hash = $(firstword $(shell printf '%s' '$(subst ','\'',$(strip $(1)))' | cksum))
+stamp_file = $(1)/.make/$(2)-$(call stamp_hash,$(3))
+write_stamp = @mkdir -p $(@D) && rm -f $(@D)/$(firstword $(subst -, ,$(@F)))-* && printf '%s\n' '$(subst ','\'',$(strip $(1)))' >$@
 
-export: setup
-	$(PY) -m export --compressed $(OUT)/compressed --out $(OUT)/onnx
+COMPRESS_ARGS = $(MODEL_ARGS) $(call opt,--calib,$(CALIB)) --num-calib $(NUM_CALIB) --ratio $(RATIO) \
+  --method $(METHOD) --allocation $(ALLOCATION) --comp-rank $(COMP_RANK) --granule $(GRANULE)
+EXPORT_ARGS = $(call opt,--calib,$(CALIB)) --num-parity $(NUM_PARITY)
+BENCH_ARGS = --backend $(BACKEND) --batch-sizes $(BATCH_SIZES) --threads $(THREADS) --warmup $(WARMUP) \
+  --repeats $(REPEATS)
+EVAL_ARGS = --backend $(BACKEND) $(call opt,--data,$(VAL)) $(call opt,--num,$(NUM_EVAL))
 
-engine: setup
+MANIFEST := $(OUT)/compressed/manifest.json
+ONNX := $(OUT)/onnx/model.onnx
+BENCH_JSON := $(OUT)/bench/bench.json
+EVAL_JSON := $(OUT)/eval.json
+REPORT_MD := $(OUT)/report.md
+COMPRESS_STAMP := $(call stamp_file,$(OUT),compress,$(COMPRESS_ARGS))
+EXPORT_STAMP := $(call stamp_file,$(OUT),export,$(EXPORT_ARGS))
+BENCH_STAMP := $(call stamp_file,$(OUT),bench,$(BENCH_ARGS))
+EVAL_STAMP := $(call stamp_file,$(OUT),eval,$(EVAL_ARGS))
+
+all: compress export bench eval report
+compress: $(MANIFEST)
+export: $(ONNX)
+bench: $(BENCH_JSON)
+eval: $(EVAL_JSON)
+report: $(REPORT_MD)
+
+$(COMPRESS_STAMP):
+	$(call write_stamp,$(COMPRESS_ARGS))
+$(EXPORT_STAMP):
+	$(call write_stamp,$(EXPORT_ARGS))
+$(BENCH_STAMP):
+	$(call write_stamp,$(BENCH_ARGS))
+$(EVAL_STAMP):
+	$(call write_stamp,$(EVAL_ARGS))
+
+$(MANIFEST): $(COMPRESS_STAMP) $(wildcard $(CHECKPOINT) $(CALIB)) | $(SETUP)
+	$(PY) -m compress $(COMPRESS_ARGS) --threads $(THREADS) --out $(OUT)/compressed
+
+# export replaces its files only when every parity check passed, so model.onnx marks success
+$(ONNX): $(MANIFEST) $(EXPORT_STAMP) | $(SETUP)
+	$(PY) -m export --compressed $(OUT)/compressed --out $(OUT)/onnx $(EXPORT_ARGS) --threads $(THREADS)
+
+$(BENCH_JSON): $(ONNX) $(BENCH_STAMP) | $(SETUP)
+	$(PY) -m runtime bench --onnx-dir $(OUT)/onnx $(BENCH_ARGS) --out $(OUT)/bench
+
+$(EVAL_JSON): $(MANIFEST) $(ONNX) $(EVAL_STAMP) $(wildcard $(VAL)) | $(SETUP)
+	$(PY) -m runtime eval --compressed $(OUT)/compressed --onnx-dir $(OUT)/onnx $(EVAL_ARGS) --out $@
+
+$(REPORT_MD): $(MANIFEST) $(ONNX) $(BENCH_JSON) $(EVAL_JSON) | $(SETUP)
+	$(PY) -m runtime report --run-dir $(OUT)
+
+engine: $(ONNX)
 	$(PY) -m runtime engine --onnx-dir $(OUT)/onnx --precision $(PRECISION) --out $(OUT)/engines
 
-bench: setup
-	$(PY) -m runtime bench --onnx-dir $(OUT)/onnx --backend $(BACKEND) --batch-sizes $(BATCH_SIZES) --out $(OUT)/bench
+# The bundled reference model (random init until `make reference-model` has trained it), bundled
+# CIFAR-10 calibration and evaluation images, a short benchmark: minutes on a 2-core CPU.
+DEMO_OUT ?= runs/demo
+demo:
+	$(MAKE) all MODEL=vit_cifar_ref CHECKPOINT= CALIB= VAL= NUM_EVAL= RATIO=0.6 OUT=$(DEMO_OUT) \
+	  BATCH_SIZES=1,8 WARMUP=3 REPEATS=10 NUM_PARITY=32
+	@echo "report: $(DEMO_OUT)/report.md"
 
-eval: setup
-	$(PY) -m runtime eval --compressed $(OUT)/compressed $(call opt,--onnx-dir,$(wildcard $(OUT)/onnx)) \
-	  $(call opt,--data,$(VAL)) --out $(OUT)/eval.json
+# Many budgets from one calibration pass (compress's statistics cache): sweep.json/.md, pareto.png.
+SWEEP_ARGS = $(MODEL_ARGS) $(call opt,--calib,$(CALIB)) --num-calib $(NUM_CALIB) $(call opt,--data,$(VAL)) \
+  $(call opt,--num-eval,$(NUM_EVAL)) --ratios $(RATIOS) --method $(METHOD) --allocation $(ALLOCATION) \
+  --comp-rank $(COMP_RANK) --granule $(GRANULE) --backend $(BACKEND) --threads $(THREADS) --warmup $(WARMUP) \
+  --repeats $(REPEATS)
+SWEEP_STAMP := $(call stamp_file,$(SWEEP_OUT),sweep,$(SWEEP_ARGS))
+sweep: $(SWEEP_OUT)/sweep.json
+$(SWEEP_STAMP):
+	$(call write_stamp,$(SWEEP_ARGS))
+$(SWEEP_OUT)/sweep.json: $(SWEEP_STAMP) $(wildcard $(CHECKPOINT) $(CALIB) $(VAL)) | $(SETUP)
+	$(PY) -m runtime sweep $(SWEEP_ARGS) --out $(SWEEP_OUT)
+
+# The least compression meeting TARGET_LATENCY_MS (p50, batch 1, BACKEND) or TARGET_SIZE_MB (INT8 file).
+fit: | $(SETUP)
+	$(PY) -m runtime fit $(MODEL_ARGS) $(call opt,--calib,$(CALIB)) --num-calib $(NUM_CALIB) --method $(METHOD) \
+	  --allocation $(ALLOCATION) --comp-rank $(COMP_RANK) --granule $(GRANULE) --backend $(BACKEND) \
+	  --threads $(THREADS) $(call opt,--target-latency-ms,$(TARGET_LATENCY_MS)) \
+	  $(call opt,--target-size-mb,$(TARGET_SIZE_MB)) --out $(FIT_OUT)
+
+# wall time + peak RSS of the whole compress stage (random-init DeiTs, real ImageNet images)
+BENCH_MODELS ?= deit_tiny_patch16_224,deit_small_patch16_224,deit_base_patch16_224
+BENCH_IMAGES ?= 64,128,256
+bench-compress: setup
+	$(PY) -m compress.benchmark --models $(BENCH_MODELS) --images $(BENCH_IMAGES) --ratio $(RATIO) \
+	  --out runs/bench-compress
 
 clean:
 	rm -rf runs

@@ -101,12 +101,16 @@ def backend_variant(backend) -> Variant:
     return lambda x: backend.run(x.numpy())
 
 
-def _resolve_data(spec: str | None, model_name: str, num: int | None, seed: int):
+def resolve_data(spec: str | None, model_name: str, num: int | None = None, seed: int = 0):
+    """The evaluation ImageSet: a folder, a bundled set name, 'cifar10-test', or the model's default."""
     from calibration_data import cifar10_test_set, default_evaluation_for, load_image_set
 
     if spec in ("cifar10-test", "cifar10:test"):
         return cifar10_test_set(num=num, seed=seed)
     return load_image_set(spec or default_evaluation_for(model_name), num=num, seed=seed)
+
+
+_resolve_data = resolve_data  # older name, still used by runtime.study
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -125,6 +129,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, help="write the JSON result here")
 
 
+def dense_model(manifest: dict) -> torch.nn.Module:
+    """The dense original of a compressed model, rebuilt from its manifest.
+
+    A random-init model is rebuilt with the seed compress used (it seeds torch right before
+    building the model), so "dense" is the network that was compressed, like export's dense.onnx.
+    """
+    import compress
+
+    spec = manifest["model"]
+    seed = (manifest.get("config") or {}).get("seed")
+    with torch.random.fork_rng(devices=[]):
+        if spec.get("weights") == "random-init" and seed is not None:
+            torch.manual_seed(seed)
+        return compress.load_model(spec["name"], checkpoint=spec.get("checkpoint"),
+                                   pretrained=spec.get("pretrained", False), **spec.get("kwargs", {}))
+
+
 def _variants(args):
     """Build the variants asked for: (variants, model name, info, backends to close, dense model)."""
     import compress
@@ -134,8 +155,7 @@ def _variants(args):
     if args.compressed:
         model, manifest = compress.load_compressed(args.compressed)
         spec = manifest["model"]
-        dense = compress.load_model(spec["name"], checkpoint=spec.get("checkpoint"),
-                                    pretrained=spec.get("pretrained", False), **spec.get("kwargs", {}))
+        dense = dense_model(manifest)
         variants["dense"] = torch_variant(dense)
         variants["compressed"] = torch_variant(model)
         act_ranges = manifest.get("quant", {}).get("act_ranges")
@@ -171,20 +191,24 @@ def main(args: argparse.Namespace) -> int:
 
     variants, name, info, closers, dense = _variants(args)
     try:
-        images = _resolve_data(args.data, name, args.num, args.seed)
+        images = resolve_data(args.data, name, args.num, args.seed)
         loader = make_loader(images, dense, batch_size=args.batch_size)
         scores = evaluate(variants, loader, reference="dense")
     finally:
         for b in closers:
             b.close()
-    result = {"model": name, "data": {"root": images.root, "num_images": len(images),
-                                      "seed": args.seed}, **info,
-              "variants": {k: asdict(v) for k, v in scores.items()}}
+    result = result_document(name, images, args.seed, info, scores)
     print(format_table(scores))
     if args.out:
         write_json(args.out, result)
         print(f"wrote {args.out}")
     return 0
+
+
+def result_document(name: str, images, seed: int, info: dict, scores: dict[str, Scores]) -> dict:
+    """The eval.json document: model, data, extra info, and the scores of every variant."""
+    return {"model": name, "data": {"root": images.root, "num_images": len(images), "seed": seed}, **info,
+            "variants": {k: asdict(v) for k, v in scores.items()}}
 
 
 def format_table(scores: dict[str, Scores]) -> str:

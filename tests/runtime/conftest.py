@@ -86,3 +86,46 @@ def tiny_export_dir(tmp_path_factory) -> Path:
     for src, dst in (("dense.onnx", "dense.int8.onnx"), ("model.onnx", "model.int8.onnx")):
         quantize_dynamic(out / src, out / dst, weight_type=QuantType.QInt8)
     return out
+
+
+# A 2-block, 64-wide vit_cifar_ref (random init): the real registered model, small enough that the
+# whole pipeline runs in seconds. Accuracy on it means nothing; the reports' numbers and joins do.
+TINY_VIT = {"depth": 2, "embed_dim": 64, "num_heads": 2}
+
+
+@pytest.fixture(scope="session")
+def tiny_base_config():
+    """compress.pipeline.Config factory for the tiny ViT on 32 real bundled CIFAR-10 images."""
+    from compress.pipeline import Config
+
+    def make(**kw):
+        args = dict(model="vit_cifar_ref", model_kwargs=dict(TINY_VIT), pretrained=False, out="unused",
+                    ratio=0.5, num_calib=32, batch_size=16, comp_steps=10, stats_cache=None)
+        args.update(kw)
+        return Config(**args)
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_run_dir(tiny_base_config, tmp_path_factory) -> Path:
+    """A run directory made by actually running every stage (compress, export, eval on 64 bundled
+    eval images, bench at batch 1 with the memory probe, report), laid out like `make all OUT=D`."""
+    from export import ExportOptions
+    from runtime import stages
+    from runtime.benchmark import BenchConfig
+    from runtime.evaluate import resolve_data
+
+    run_dir = tmp_path_factory.mktemp("run")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        stages.compress_stage(tiny_base_config(), 0.5, run_dir)
+        stages.export_stage(run_dir, ExportOptions(num_parity=16, threads=1))
+        images = resolve_data(None, "vit_cifar_ref", 64, 0)
+        stages.eval_stage(run_dir, images, ("dense.onnx", "dense.int8.onnx", "model.onnx", "model.int8.onnx"),
+                          backend_options={"intra_op_threads": 1}, fake_quant=True)
+        stages.bench_stage(run_dir, BenchConfig(batch_sizes=(1, 4), warmup=1, repeats=5,
+                                                options={"intra_op_threads": 1}))
+    finally:
+        torch.set_num_threads(threads)
+    return run_dir
