@@ -20,7 +20,8 @@ OUT ?= runs/$(MODEL)-r$(RATIO)
 BACKEND ?= ort
 BATCH_SIZES ?= 1,8,32
 PRECISION ?= fp16
-EPOCHS ?= 16
+EPOCHS ?= 9
+ARCH ?= vit_cifar_ref
 THREADS ?= 2
 WARMUP ?= 5
 REPEATS ?= 30
@@ -54,7 +55,7 @@ test-slow: setup
 	$(PY) -m pytest -m slow
 
 reference-model: setup
-	$(PY) -m compress.train_reference --epochs $(EPOCHS)
+	$(PY) -m compress.train_reference --arch $(ARCH) --epochs $(EPOCHS)
 
 # ---------------------------------------------------------------- the pipeline, one file per stage
 # Each stage target is the file its CLI writes last, so `make all` skips what is done. Options that
