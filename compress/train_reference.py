@@ -151,8 +151,10 @@ def train(args: argparse.Namespace) -> dict:
         torch.save(dict(model=model.state_dict(), opt=opt.state_dict(), gen=gen.get_state(),
                         history=history, epoch=epoch + 1), tmp)
         os.replace(tmp, ckpt_path)
-        log_path.write_text(json.dumps(dict(args={k: str(v) for k, v in vars(args).items()},
-                                            bf16=use_bf16, history=history), indent=1))
+        tmp = log_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(dict(args={k: str(v) for k, v in vars(args).items()},
+                                       bf16=use_bf16, history=history), indent=1))
+        os.replace(tmp, log_path)
 
     from safetensors.torch import save_file
 
