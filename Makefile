@@ -3,11 +3,13 @@
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
-PY := $(VENV)/bin/python
+VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
 MODEL ?= vit_cifar_ref
 CHECKPOINT ?=
+# PRETRAINED=1: timm hub weights for MODEL (needs network; vit_cifar_* use their bundled weights anyway)
+PRETRAINED ?=
 CALIB ?=
 VAL ?=
 NUM_CALIB ?= 256
@@ -32,29 +34,31 @@ SWEEP_OUT ?= runs/sweep-$(MODEL)
 TARGET_LATENCY_MS ?=
 TARGET_SIZE_MB ?=
 FIT_OUT ?= runs/fit-$(MODEL)
-# Stage targets wait for `setup`; SETUP= runs them in the current environment as it is (e.g. JetPack).
+# Stage targets wait for `setup`; SETUP= runs them with $(PYTHON) in the current environment as it is
+# (e.g. a Jetson's JetPack torch, which the pinned install would replace).
 SETUP ?= $(STAMP)
+PY ?= $(if $(SETUP),$(VPY),$(PYTHON))
 
 opt = $(if $(strip $(2)),$(1) $(2),)
-MODEL_ARGS = --model $(MODEL) $(call opt,--checkpoint,$(CHECKPOINT))
+MODEL_ARGS = --model $(MODEL) $(call opt,--checkpoint,$(CHECKPOINT)) $(if $(PRETRAINED),--pretrained)
 
 .PHONY: setup test test-slow reference-model compress export engine bench eval report bench-compress demo all \
 	sweep fit study clean
 
 setup: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+	$(VPY) -m pip install -q -c constraints.txt -e '.[dev]'
 	touch $@
 
 test: setup
-	$(PY) -m pytest
+	$(VPY) -m pytest
 
 test-slow: setup
-	$(PY) -m pytest -m slow
+	$(VPY) -m pytest -m slow
 
-reference-model: setup
+reference-model: | $(SETUP)
 	$(PY) -m compress.train_reference --arch $(ARCH) --epochs $(EPOCHS)
 
 # ---------------------------------------------------------------- the pipeline, one file per stage
@@ -147,10 +151,20 @@ fit: | $(SETUP)
 	  --threads $(THREADS) $(call opt,--target-latency-ms,$(TARGET_LATENCY_MS)) \
 	  $(call opt,--target-size-mb,$(TARGET_SIZE_MB)) --out $(FIT_OUT)
 
+# The method study (runtime.study): every method x allocation x compensation at STUDY_RATIOS, INT8 on
+# the default, and BASELINE (smaller dense models, e.g. vit_cifar_narrow) at their parameter counts.
+STUDY_RATIOS ?= 0.4,0.5,0.6,0.7
+STUDY_OUT ?= runs/study-$(MODEL)
+BASELINE ?=
+study: | $(SETUP)
+	$(PY) -m runtime study $(MODEL_ARGS) $(call opt,--calib,$(CALIB)) --num-calib $(NUM_CALIB) \
+	  $(call opt,--data,$(VAL)) $(call opt,--num,$(NUM_EVAL)) --ratios $(STUDY_RATIOS) \
+	  $(foreach b,$(BASELINE),--baseline $(b)) --out $(STUDY_OUT)
+
 # wall time + peak RSS of the whole compress stage (random-init DeiTs, real ImageNet images)
 BENCH_MODELS ?= deit_tiny_patch16_224,deit_small_patch16_224,deit_base_patch16_224
 BENCH_IMAGES ?= 64,128,256
-bench-compress: setup
+bench-compress: | $(SETUP)
 	$(PY) -m compress.benchmark --models $(BENCH_MODELS) --images $(BENCH_IMAGES) --ratio $(RATIO) \
 	  --out runs/bench-compress
 

@@ -104,9 +104,9 @@ def get_parser() -> argparse.ArgumentParser:
 
 
 def _bench_options(args) -> dict:
-    options = {}
-    if args.threads is not None:
-        options["intra_op_threads"] = args.threads
+    from runtime.backends import thread_options
+
+    options = thread_options(args.backend, args.threads)
     if args.inter_op_threads is not None:
         options["inter_op_threads"] = args.inter_op_threads
     if args.opt_level is not None:

@@ -110,7 +110,6 @@ def resolve_data(spec: str | None, model_name: str, num: int | None = None, seed
     return load_image_set(spec or default_evaluation_for(model_name), num=num, seed=seed)
 
 
-_resolve_data = resolve_data  # older name, still used by runtime.study
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

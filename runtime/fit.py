@@ -127,7 +127,9 @@ def measure(base, config: FitConfig, ratio: float, search: Search) -> dict:
                                                    device=base.device))
     bench = None
     if config.kind == "latency":
-        options = {} if config.threads is None else {"intra_op_threads": config.threads}
+        from runtime.backends import thread_options
+
+        options = thread_options(config.backend, config.threads)
         bench = stages.bench_stage(rd, BenchConfig(backend=config.backend, batch_sizes=(config.batch_size,),
                                                    warmup=config.warmup, repeats=config.repeats, options=options,
                                                    variants=config.variants, memory=False))

@@ -11,6 +11,7 @@ study.png (top-1 vs fraction of parameters removed, one line per method/allocati
 from __future__ import annotations
 
 import argparse
+import io
 import itertools
 import json
 import logging
@@ -24,6 +25,7 @@ import numpy as np
 import torch
 
 from runtime.evaluate import Scores, score, write_json
+from runtime.report import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +41,8 @@ def _floats(text: str) -> tuple[float, ...]:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="vit_cifar_ref")
     p.add_argument("--checkpoint", help="local checkpoint for --model")
+    p.add_argument("--pretrained", action="store_true", default=None,
+                   help="timm's pretrained weights (needs the model hub; bundled for vit_cifar_*)")
     p.add_argument("--calib", help="calibration folder (default: bundled set for the model)")
     p.add_argument("--num-calib", type=int, default=256)
     p.add_argument("--data", default=None, help="evaluation images: folder, bundled name or cifar10-test "
@@ -50,17 +54,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--comp-rank", type=int, default=8, help="compensation rank for the 'with' rows")
     p.add_argument("--no-int8", action="store_true", help="skip the INT8 rows")
     p.add_argument("--stats-cache", default=None, help="statistics cache dir (default: compress's)")
+    p.add_argument("--baseline", action="append", default=[], metavar="MODEL[=CHECKPOINT]",
+                   help="a smaller dense model to set against the compressed one at equal parameter count "
+                        "(repeatable), e.g. vit_cifar_narrow")
     p.add_argument("--batch-size", type=int, default=250)
     p.add_argument("--out", type=Path, required=True)
 
 
 def _eval_tensor(model, data: str | None, model_name: str, num: int | None):
     from calibration_data import make_loader
-    from runtime.evaluate import _resolve_data
+    from runtime.evaluate import resolve_data
 
     if data is None and model_name.startswith("vit_cifar"):
         data = "cifar10-test"
-    images = _resolve_data(data, model_name, num, 0)
+    images = resolve_data(data, model_name, num, 0)
     xs, ys = [], []
     for x, y in make_loader(images, model, batch_size=500):
         xs.append(x)
@@ -82,11 +89,17 @@ def main(args: argparse.Namespace) -> int:
 
     methods = [m for m in args.methods.split(",") if m]
     allocations = [a for a in args.allocations.split(",") if a]
-    dense = load_model(args.model, checkpoint=args.checkpoint)
+    dense = load_model(args.model, checkpoint=args.checkpoint, pretrained=args.pretrained)
     images, x, y = _eval_tensor(dense, args.data, args.model, args.num)
     ref = _logits(dense, x, args.batch_size)
     rows = [{"ratio": 0.0, "method": "dense", "allocation": "-", "comp_rank": 0, "int8": False,
              "params": sum(p.numel() for p in dense.parameters()), **asdict(score(ref, y))}]
+    for spec in args.baseline:
+        name, _, ckpt = spec.partition("=")
+        small = load_model(name, checkpoint=ckpt or None)
+        rows.append({"ratio": None, "method": f"baseline:{name}", "allocation": "-", "comp_rank": 0,
+                     "int8": False, "params": sum(p.numel() for p in small.parameters()),
+                     **asdict(score(_logits(small, x, args.batch_size), y, ref))})
     stats_cache = args.stats_cache or str(default_stats_cache())
     configs = list(itertools.product(args.ratios, methods, allocations, (0, args.comp_rank)))
     if not args.no_int8:
@@ -97,7 +110,7 @@ def main(args: argparse.Namespace) -> int:
             ratio, method, allocation, comp = cfg[:4]
             int8 = len(cfg) == 5
             t = time.perf_counter()
-            res = run(Config(model=args.model, checkpoint=args.checkpoint, calib=args.calib,
+            res = run(Config(model=args.model, checkpoint=args.checkpoint, pretrained=args.pretrained, calib=args.calib,
                              num_calib=args.num_calib, ratio=ratio, method=method, allocation=allocation,
                              comp_rank=comp, quant=int8, stats_cache=stats_cache,
                              out=str(work / "c")))
@@ -118,22 +131,26 @@ def main(args: argparse.Namespace) -> int:
               "num_images": len(y), "num_calib": args.num_calib, "rows": rows}
     args.out.mkdir(parents=True, exist_ok=True)
     write_json(args.out / "study.json", result)
-    (args.out / "study.md").write_text(format_markdown(result))
+    atomic_write_bytes(args.out / "study.md", format_markdown(result).encode())
     plot(result, args.out / "study.png")
     print(format_markdown(result))
     return 0
 
 
+def _is_config(row: dict) -> bool:
+    return row["method"] != "dense" and not row["method"].startswith("baseline:")
+
+
 def format_markdown(result: dict) -> str:
     rows = result["rows"]
     dense = rows[0]
-    ratios = sorted({r["ratio"] for r in rows if r["method"] != "dense"})
+    ratios = sorted({r["ratio"] for r in rows if _is_config(r)})
     head = ("| method | allocation | compensation | " + " | ".join(f"{100 * r:.0f}% fewer" for r in ratios) + " |")
     out = [f"Top-1 % on {result['num_images']} images of {result['data']} (dense: "
            f"{100 * dense['top1']:.2f}%, {dense['params']:,} parameters), {result['num_calib']} calibration images, "
            "no fine-tuning. Cells: top-1 (agreement with dense).", "", head,
            "|---|---|---|" + "---|" * len(ratios)]
-    keys = sorted({(r["method"], r["allocation"], r["comp_rank"], r["int8"]) for r in rows if r["method"] != "dense"},
+    keys = sorted({(r["method"], r["allocation"], r["comp_rank"], r["int8"]) for r in rows if _is_config(r)},
                   key=lambda k: (k[3], METHODS.index(k[0]) if k[0] in METHODS else 9, k[1], k[2]))
     for method, alloc, comp, int8 in keys:
         cells = []
@@ -143,6 +160,19 @@ def format_markdown(result: dict) -> str:
             cells.append(f"{100 * hit[0]['top1']:.2f} ({100 * hit[0]['agreement']:.1f})" if hit else "-")
         label = f"{method}{' + INT8' if int8 else ''}"
         out.append(f"| {label} | {alloc} | {'q=' + str(comp) if comp else 'off'} | " + " | ".join(cells) + " |")
+    baselines = [r for r in rows if r["method"].startswith("baseline:")]
+    if baselines:
+        out += ["", "Compressed model (default method) vs smaller dense models, same images, by parameter count:",
+                "", "| model | parameters | top-1 % |", "|---|---:|---:|"]
+        best = [r for r in rows if _is_config(r) and (r["method"], r["allocation"]) == DEFAULT and r["comp_rank"]]
+        for r in sorted([dense] + best + baselines, key=lambda r: -r["params"]):
+            if r["method"] == "dense":
+                label = f"{result['model']} (dense)"
+            elif r in baselines:
+                label = f"{r['method'].split(':', 1)[1]} (dense, trained with the same recipe)"
+            else:
+                label = f"{result['model']} {100 * r['ratio']:.0f}% fewer{' + INT8' if r['int8'] else ''}"
+            out.append(f"| {label} | {r['params']:,} | {100 * r['top1']:.2f} |")
     return "\n".join(out) + "\n"
 
 
@@ -155,7 +185,7 @@ def plot(result: dict, path: Path) -> None:
     rows = result["rows"]
     dense = rows[0]
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    groups = sorted({(r["method"], r["allocation"], r["comp_rank"], r["int8"]) for r in rows if r["method"] != "dense"})
+    groups = sorted({(r["method"], r["allocation"], r["comp_rank"], r["int8"]) for r in rows if _is_config(r)})
     for method, alloc, comp, int8 in groups:
         pts = sorted((r["ratio"], r["top1"]) for r in rows if (r["method"], r["allocation"], r["comp_rank"],
                                                                 r["int8"]) == (method, alloc, comp, int8))
@@ -163,10 +193,16 @@ def plot(result: dict, path: Path) -> None:
         ax.plot([100 * p[0] for p in pts], [100 * p[1] for p in pts], style, marker="o" if comp else "x",
                 label=f"{method}/{alloc}/{'comp' if comp else 'no comp'}{'/INT8' if int8 else ''}")
     ax.axhline(100 * dense["top1"], color="k", lw=1, label="dense")
+    for r in rows:
+        if r["method"].startswith("baseline:"):
+            ax.plot([100 * (1 - r["params"] / dense["params"])], [100 * r["top1"]], "k*", ms=10,
+                    label=f"{r['method'].split(':', 1)[1]} (smaller dense)")
     ax.set_xlabel("% of all parameters removed")
     ax.set_ylabel("top-1 %")
     ax.set_title(f"{result['model']}: accuracy vs compression (no fine-tuning)")
     ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
     plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())

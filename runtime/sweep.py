@@ -65,7 +65,9 @@ class SweepConfig:
 
     @property
     def backend_options(self) -> dict:
-        return {} if self.threads is None else {"intra_op_threads": self.threads}
+        from runtime.backends import thread_options
+
+        return thread_options(self.backend, self.threads)
 
 
 def run_sweep(base, config: SweepConfig) -> dict:
@@ -336,7 +338,11 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model and method (as python -m compress)")
     g.add_argument("--model", required=True, help="timm model name (e.g. vit_cifar_ref)")
     g.add_argument("--checkpoint", help="local weights (.safetensors or torch file)")
-    g.add_argument("--random-init", action="store_true", help="random weights even for bundled models")
+    w = g.add_mutually_exclusive_group()
+    w.add_argument("--pretrained", dest="pretrained", action="store_const", const=True, default=None,
+                   help="timm's pretrained weights (needs the model hub; bundled for vit_cifar_*)")
+    w.add_argument("--random-init", dest="pretrained", action="store_const", const=False,
+                   help="random weights even for bundled models")
     g.add_argument("--model-arg", type=_kwarg, action="append", default=[], metavar="KEY=VALUE",
                    help="keyword for timm.create_model, e.g. depth=2 (repeatable; recorded in the manifest)")
     g.add_argument("--calib", help="calibration image folder (default: the bundled set for the model)")
@@ -357,7 +363,7 @@ def base_config(args, ratio: float, out: str):
     from compress.pipeline import Config, default_stats_cache
 
     return Config(model=args.model, out=out, checkpoint=args.checkpoint,
-                  pretrained=False if args.random_init else None, model_kwargs=dict(args.model_arg),
+                  pretrained=args.pretrained, model_kwargs=dict(args.model_arg),
                   calib=args.calib, num_calib=args.num_calib, ratio=ratio, method=args.method,
                   allocation=args.allocation, granule=args.granule, comp_rank=args.comp_rank,
                   comp_steps=args.comp_steps, stats_cache=args.stats_cache or str(default_stats_cache()))

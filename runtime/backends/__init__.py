@@ -10,7 +10,9 @@ from runtime.backends.base import (
     backend_kinds,
     open_backend,
     register_backend,
+    thread_options,
 )
 
 __all__ = ["Backend", "available_backends", "backend_class", "backend_kinds", "open_backend",
-           "register_backend"]
+           "register_backend",
+           "thread_options"]

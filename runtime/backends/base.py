@@ -134,6 +134,11 @@ def available_backends() -> dict[str, str | None]:
     return result
 
 
+def thread_options(kind: str, threads: int | None) -> dict:
+    """Backend options for a CPU thread count: ONNX Runtime takes it, TensorRT has no such knob."""
+    return {"intra_op_threads": threads} if threads and kind.startswith("ort") else {}
+
+
 def open_backend(kind: str, path, **options) -> Backend:
     """Open ``path`` (an .onnx, or an engine for TensorRT) on backend ``kind``."""
     cls = backend_class(kind)

@@ -163,3 +163,16 @@ def test_ort_end_to_end_on_deit_tiny(tmp_path, exporter):
     params = sum(p.numel() for p in model.parameters())
     assert abs(mem["weight_bytes.float32"] - 4 * params) < 0.01 * 4 * params
     assert mem["weight_bytes"] == sum(_initializer_bytes(path).values())
+
+
+def test_thread_count_reaches_onnxruntime_only():
+    from runtime.__main__ import _bench_options, get_parser
+    from runtime.backends import thread_options
+
+    assert thread_options("ort", 2) == {"intra_op_threads": 2}
+    assert thread_options("ort-cuda", 1) == {"intra_op_threads": 1}
+    assert thread_options("trt", 2) == {} and thread_options("ort", None) == {}
+    # the Makefile passes --threads whatever BACKEND is: TensorRT must not receive it
+    args = get_parser().parse_args(["bench", "--onnx-dir", "x", "--backend", "trt", "--threads", "2",
+                                     "--out", "y"])
+    assert "intra_op_threads" not in _bench_options(args)
