@@ -15,7 +15,6 @@ Weights come from one of three places (decided here, recorded in the manifest):
 from __future__ import annotations
 
 import difflib
-import fnmatch
 import hashlib
 import logging
 from dataclasses import dataclass

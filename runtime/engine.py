@@ -91,7 +91,8 @@ def _ratio(a, b):
 
 def build_all(args, files: dict[str, Path]) -> dict:
     """Build one engine per variant; return the report (nothing in it is estimated)."""
-    from runtime.backends.trt import build_engine, require_cuda, require_tensorrt, write_atomic
+    from runtime.backends.trt import build_engine, require_cuda, require_tensorrt
+    from runtime.report import atomic_write_bytes as write_atomic
     trt = require_tensorrt()
     require_cuda()
     cache = args.timing_cache or args.out / "timing.cache"

@@ -28,6 +28,18 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
+def figure_png(fig, dpi: int = 110) -> bytes:
+    """Render a matplotlib figure to PNG bytes and close it (write them with atomic_write_bytes)."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    plt.close(fig)
+    return buf.getvalue()
+
+
 def _fmt(x, spec=".2f", none="-"):
     return none if x is None else format(x, spec)
 
@@ -115,7 +127,6 @@ def render_markdown(result: dict) -> str:
 
 def plot(result: dict) -> bytes:
     """PNG bytes: p50 latency per image by batch size (p90 whiskers), and file size by weight dtype."""
-    import io
 
     import matplotlib
 
@@ -153,10 +164,7 @@ def plot(result: dict) -> bytes:
     ax_size.tick_params(axis="x", rotation=30)
     ax_size.legend(fontsize=8)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    return buf.getvalue()
+    return figure_png(fig)
 
 
 def write_outputs(result: dict, out_dir) -> dict[str, Path]:

@@ -11,9 +11,7 @@ study.png (top-1 vs fraction of parameters removed, one line per method/allocati
 from __future__ import annotations
 
 import argparse
-import io
 import itertools
-import json
 import logging
 import shutil
 import tempfile
@@ -25,7 +23,7 @@ import numpy as np
 import torch
 
 from runtime.evaluate import Scores, score, write_json
-from runtime.report import atomic_write_bytes
+from runtime.report import atomic_write_bytes, figure_png
 
 log = logging.getLogger(__name__)
 
@@ -202,7 +200,4 @@ def plot(result: dict, path: Path) -> None:
     ax.set_title(f"{result['model']}: accuracy vs compression (no fine-tuning)")
     ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_write_bytes(path, figure_png(fig, dpi=120))

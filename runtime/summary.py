@@ -387,7 +387,6 @@ def plot_points(points: list[EvalPoint]) -> list[EvalPoint]:
 
 def plot_accuracy_vs_size(points: list[EvalPoint], title: str = "") -> bytes | None:
     """PNG: top-1 against parameters and against file bytes, one point per variant (None if none)."""
-    import io
 
     import matplotlib
 
@@ -420,10 +419,9 @@ def plot_accuracy_vs_size(points: list[EvalPoint], title: str = "") -> bytes | N
     if len(axes_spec) > 1:
         axes[0][1].set_title("Accuracy vs bytes")
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    return buf.getvalue()
+    from runtime.report import figure_png
+
+    return figure_png(fig)
 
 
 def write_report(run_dir) -> dict:

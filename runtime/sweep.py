@@ -269,7 +269,6 @@ def render_markdown(doc: dict) -> str:
 
 def plot(doc: dict) -> bytes:
     """PNG: top-1 against parameters, file bytes and (when measured) latency; Pareto front dashed."""
-    import io
 
     import matplotlib
 
@@ -302,10 +301,9 @@ def plot(doc: dict) -> bytes:
     axes[0][0].legend(fontsize=7)
     fig.suptitle(f"{doc['model']['name']}: {doc['method']['method']}/{doc['method']['allocation']}", fontsize=10)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    return buf.getvalue()
+    from runtime.report import figure_png
+
+    return figure_png(fig)
 
 
 def write_outputs(doc: dict, out_dir) -> dict[str, Path]:

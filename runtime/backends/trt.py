@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -23,6 +21,7 @@ import numpy as np
 
 from runtime.backends.base import INPUT_NAME, OUTPUT_NAME, Backend
 from runtime.errors import RuntimeStageError
+from runtime.report import atomic_write_bytes as write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -246,19 +245,6 @@ def build_engine(onnx_path, engine_path, *, precision: str = "fp16", min_batch: 
     write_atomic(Path(engine_path), data)
     info["engine"] = str(engine_path)
     return info
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temporary file beside ``path``, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # ---------------------------------------------------------------- engine facts
