@@ -77,3 +77,6 @@ def _decode_to_cache(archive: Path, cache: Path) -> None:
     np.savez(tmp, **arrays)
     os.replace(tmp, cache)
     log.info("cached decoded CIFAR-10 at %s", cache)
+    for stale in cache.parent.glob("cifar10-*.npz"):   # an archive copied or touched since: 177 MB each
+        if stale != cache:
+            stale.unlink(missing_ok=True)
