@@ -58,8 +58,11 @@ test: setup
 test-slow: setup
 	$(VPY) -m pytest -m slow
 
+# Retrains into runs/ (the bundled weights and their model card stay as shipped); use the result
+# with CHECKPOINT=$(REF_OUT), or copy it to compress/weights/ to make it the bundled default.
+REF_OUT ?= runs/reference/$(ARCH).safetensors
 reference-model: | $(SETUP)
-	$(PY) -m compress.train_reference --arch $(ARCH) --epochs $(EPOCHS)
+	$(PY) -m compress.train_reference --arch $(ARCH) --epochs $(EPOCHS) --out $(REF_OUT)
 
 # ---------------------------------------------------------------- the pipeline, one file per stage
 # Each stage target is the file its CLI writes last, so `make all` skips what is done. Options that
@@ -124,7 +127,7 @@ $(REPORT_MD): $(MANIFEST) $(ONNX) $(BENCH_JSON) $(EVAL_JSON) | $(SETUP)
 engine: $(ONNX)
 	$(PY) -m runtime engine --onnx-dir $(OUT)/onnx --precision $(PRECISION) --out $(OUT)/engines
 
-# The bundled reference model (random init until `make reference-model` has trained it), bundled
+# The bundled trained reference model (compress/weights/vit_cifar_ref.md), bundled
 # CIFAR-10 calibration and evaluation images, a short benchmark: minutes on a 2-core CPU.
 DEMO_OUT ?= runs/demo
 demo:
@@ -158,7 +161,8 @@ STUDY_OUT ?= runs/study-$(MODEL)
 BASELINE ?=
 study: | $(SETUP)
 	$(PY) -m runtime study $(MODEL_ARGS) $(call opt,--calib,$(CALIB)) --num-calib $(NUM_CALIB) \
-	  $(call opt,--data,$(VAL)) $(call opt,--num,$(NUM_EVAL)) --ratios $(STUDY_RATIOS) \
+	  $(call opt,--data,$(VAL)) $(call opt,--num,$(NUM_EVAL)) --ratios $(STUDY_RATIOS) --comp-rank $(COMP_RANK) \
+	  --threads $(THREADS) \
 	  $(foreach b,$(BASELINE),--baseline $(b)) --out $(STUDY_OUT)
 
 # wall time + peak RSS of the whole compress stage (random-init DeiTs, real ImageNet images)

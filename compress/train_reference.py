@@ -28,7 +28,7 @@ from compress.reference_model import CIFAR10_MEAN, CIFAR10_STD
 def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m compress.train_reference", description=__doc__.split("\n")[0])
     p.add_argument("--arch", default="vit_cifar_ref", choices=sorted(reference_model.ARCHS))
-    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--epochs", type=int, default=9)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--weight-decay", type=float, default=0.05)

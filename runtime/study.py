@@ -37,7 +37,7 @@ def _floats(text: str) -> tuple[float, ...]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="vit_cifar_ref")
+    p.add_argument("--model", default="vit_cifar_ref", help="timm model name (default: vit_cifar_ref)")
     p.add_argument("--checkpoint", help="local checkpoint for --model")
     p.add_argument("--pretrained", action="store_true", default=None,
                    help="timm's pretrained weights (needs the model hub; bundled for vit_cifar_*)")
@@ -46,17 +46,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default=None, help="evaluation images: folder, bundled name or cifar10-test "
                                                 "(default: cifar10-test for vit_cifar_*, else the bundled set)")
     p.add_argument("--num", type=int, help="seeded subset of the evaluation images")
-    p.add_argument("--ratios", type=_floats, default=(0.4, 0.5, 0.6, 0.7))
-    p.add_argument("--methods", default=",".join(METHODS))
-    p.add_argument("--allocations", default=",".join(ALLOCATIONS))
+    p.add_argument("--ratios", type=_floats, default=(0.4, 0.5, 0.6, 0.7),
+                   help="fractions of all parameters to remove, comma-separated (default: 0.4,0.5,0.6,0.7)")
+    p.add_argument("--methods", default=",".join(METHODS), help="factorisation methods, comma-separated")
+    p.add_argument("--allocations", default=",".join(ALLOCATIONS), help="rank allocations, comma-separated")
     p.add_argument("--comp-rank", type=int, default=8, help="compensation rank for the 'with' rows")
     p.add_argument("--no-int8", action="store_true", help="skip the INT8 rows")
     p.add_argument("--stats-cache", default=None, help="statistics cache dir (default: compress's)")
     p.add_argument("--baseline", action="append", default=[], metavar="MODEL[=CHECKPOINT]",
                    help="a smaller dense model to set against the compressed one at equal parameter count "
                         "(repeatable), e.g. vit_cifar_narrow")
-    p.add_argument("--batch-size", type=int, default=250)
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--batch-size", type=int, default=250, help="evaluation batch size")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
+    p.add_argument("--out", type=Path, required=True, help="folder for study.json, study.md, study.png")
 
 
 def _eval_tensor(model, data: str | None, model_name: str, num: int | None):
@@ -85,6 +87,8 @@ def main(args: argparse.Namespace) -> int:
     from compress.quantize import apply_fake_quant_
     from tqdm import tqdm
 
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     methods = [m for m in args.methods.split(",") if m]
     allocations = [a for a in args.allocations.split(",") if a]
     dense = load_model(args.model, checkpoint=args.checkpoint, pretrained=args.pretrained)
