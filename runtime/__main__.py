@@ -1,4 +1,4 @@
-"""python -m runtime bench | engine | eval | report | sweep | fit | study | info
+"""python -m runtime bench | engine | eval | report | sweep | fit | profile | study | info
 
 bench   latency and memory of an export directory's variants, interleaved (bench.json/.md/.png)
 engine  build TensorRT engines from an export directory (runtime.engine)
@@ -6,6 +6,7 @@ eval    accuracy of the compressed model and its ONNX files (runtime.evaluate)
 report  one report.md for a run directory: compress + export + bench + eval (runtime.summary)
 sweep   many budgets from one calibration pass: accuracy vs parameters/bytes/latency (runtime.sweep)
 fit     search the budget that meets a target latency or INT8 file size (runtime.fit)
+profile where the time goes per variant: Linears vs attention vs the rest (runtime.profile)
 info    which backends can run here, and the machine
 
 User errors print one line on stderr and exit with code 2.
@@ -27,6 +28,7 @@ DELEGATED = {
     "report": ("runtime.summary", "one report.md for a run directory (compress, export, bench, eval)"),
     "sweep": ("runtime.sweep", "many budgets, one calibration pass: the accuracy/size/latency Pareto curve"),
     "fit": ("runtime.fit", "the least compression that meets a target latency or INT8 file size"),
+    "profile": ("runtime.profile", "ONNX Runtime per-node profile: time in Linears vs attention vs the rest"),
     "study": ("runtime.study", "methods x allocations x compensation at equal budgets, on real labelled images"),
 }
 # Other packages' user-error types, recognised if already imported by the command that raised.
