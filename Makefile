@@ -18,6 +18,8 @@ METHOD ?= whiten
 ALLOCATION ?= mixed
 COMP_RANK ?= 8
 GRANULE ?= 8
+# recovery fine-tuning steps (distillation on the calibration images, beyond the paper); 0 = off
+FINETUNE_STEPS ?= 0
 OUT ?= runs/$(MODEL)-r$(RATIO)
 BACKEND ?= ort
 BATCH_SIZES ?= 1,8,32
@@ -40,6 +42,7 @@ SETUP ?= $(STAMP)
 PY ?= $(if $(SETUP),$(VPY),$(PYTHON))
 
 opt = $(if $(strip $(2)),$(1) $(2),)
+FINETUNE_ARGS = $(if $(filter-out 0,$(FINETUNE_STEPS)),--finetune-steps $(FINETUNE_STEPS))
 # weights and calibration images a stage reads: newer ones rerun it (bundled weights of vit_cifar_* too)
 WEIGHTS = $(wildcard $(CHECKPOINT) $(CALIB) $(if $(CHECKPOINT),,compress/weights/$(MODEL).safetensors))
 MODEL_ARGS = --model $(MODEL) $(call opt,--checkpoint,$(CHECKPOINT)) $(if $(PRETRAINED),--pretrained)
@@ -78,7 +81,7 @@ stamp_file = $(1)/.make/$(2)-$(call stamp_hash,$(3))
 write_stamp = @mkdir -p $(@D) && rm -f $(@D)/$(firstword $(subst -, ,$(@F)))-* && printf '%s\n' '$(subst ','\'',$(strip $(1)))' >$@
 
 COMPRESS_ARGS = $(MODEL_ARGS) $(call opt,--calib,$(CALIB)) --num-calib $(NUM_CALIB) --ratio $(RATIO) \
-  --method $(METHOD) --allocation $(ALLOCATION) --comp-rank $(COMP_RANK) --granule $(GRANULE)
+  --method $(METHOD) --allocation $(ALLOCATION) --comp-rank $(COMP_RANK) --granule $(GRANULE) $(FINETUNE_ARGS)
 EXPORT_ARGS = $(call opt,--calib,$(CALIB)) --num-parity $(NUM_PARITY)
 BENCH_ARGS = --backend $(BACKEND) --batch-sizes $(BATCH_SIZES) --threads $(THREADS) --warmup $(WARMUP) \
   --repeats $(REPEATS)
@@ -158,13 +161,14 @@ fit: | $(SETUP)
 
 # The method study (runtime.study): every method x allocation x compensation at STUDY_RATIOS, INT8 on
 # the default, and BASELINE (smaller dense models, e.g. vit_cifar_narrow) at their parameter counts.
+# FINETUNE_STEPS=N adds the default method fine-tuned N steps as extra rows labelled FT.
 STUDY_RATIOS ?= 0.4,0.5,0.6,0.7
 STUDY_OUT ?= runs/study-$(MODEL)
 BASELINE ?=
 study: | $(SETUP)
 	$(PY) -m runtime study $(MODEL_ARGS) $(call opt,--calib,$(CALIB)) --num-calib $(NUM_CALIB) \
 	  $(call opt,--data,$(VAL)) $(call opt,--num,$(NUM_EVAL)) --ratios $(STUDY_RATIOS) --comp-rank $(COMP_RANK) \
-	  --threads $(THREADS) \
+	  --threads $(THREADS) $(FINETUNE_ARGS) \
 	  $(foreach b,$(BASELINE),--baseline $(b)) --out $(STUDY_OUT)
 
 # wall time + peak RSS of the whole compress stage (random-init DeiTs, real ImageNet images)

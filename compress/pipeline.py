@@ -1,8 +1,9 @@
 """The whole compress stage as one function: ``run(Config(...))`` -> the output directory.
 
 statistics (stats.py, cached) -> one SVD per layer (svd.py) -> rank plan (allocate.py)
--> low-rank model -> sequential error compensation (compensate.py) -> INT8 ranges and
-fake-quant error (quantize.py) -> atomic artifact (artifact.py: manifest, weights, report).
+-> low-rank model -> sequential error compensation (compensate.py) -> optional distillation
+fine-tuning of the factors (finetune.py, off by default) -> INT8 ranges and fake-quant error
+(quantize.py) -> atomic artifact (artifact.py: manifest, weights, report).
 """
 from __future__ import annotations
 
@@ -53,6 +54,8 @@ class Config:
     comp_images: int = 64                # images of the sequential pass (0: all calibration images)
     gram_precision: str = "float64"      # per-batch Gram product dtype; sums are always float64
     comp_lr: float = 1e-2
+    finetune_steps: int = 0              # distillation steps on the calibration images (0: off, the paper's setting)
+    finetune_lr: float = 3e-5
     alpha: float = 0.5                   # exponent of the diag variant
     damping: float = DEFAULT_DAMPING     # whitening lambda relative to the mean Gram diagonal
     quant: bool = True
@@ -75,13 +78,15 @@ class Config:
         if self.gram_precision not in ("float64", "float32"):
             raise CompressError(f"--gram-precision must be float64 or float32, got {self.gram_precision!r}")
         for name, lo in (("num_calib", 1), ("batch_size", 1), ("granule", 1), ("comp_rank", 0), ("comp_steps", 0),
-                         ("comp_images", 0)):
+                         ("comp_images", 0), ("finetune_steps", 0)):
             if getattr(self, name) < lo:
                 raise CompressError(f"--{name.replace('_', '-')} must be >= {lo}, got {getattr(self, name)}")
         if self.quant_calib not in ("minmax", "percentile"):
             raise CompressError(f"unknown activation calibration {self.quant_calib!r}; use minmax or percentile")
         if not 50 < self.percentile <= 100:
             raise CompressError(f"--percentile must be in (50, 100], got {self.percentile}")
+        if not self.finetune_lr > 0:
+            raise CompressError(f"--finetune-lr must be > 0, got {self.finetune_lr}")
         if not self.damping >= 0 or not self.alpha >= 0:
             raise CompressError("--damping and --alpha must be >= 0")
         if self.device != "cpu" and not self.device.startswith(("cuda", "mps")):
@@ -234,6 +239,17 @@ def run(config: Config) -> RunResult:
     compressed.eval()
     lap("compensation")
 
+    # 5b. optional recovery fine-tuning (beyond the paper): before INT8, so the ranges fit the tuned factors
+    finetune = None
+    if cfg.finetune_steps > 0 and factors:
+        from .finetune import distill_
+
+        finetune = distill_(model, compressed, loader, cfg.finetune_steps, lr=cfg.finetune_lr, seed=cfg.seed,
+                            device=dev, batch_size=cfg.batch_size)
+        lap("finetune")
+    elif cfg.finetune_steps > 0:
+        log.warning("fine-tuning skipped: no layer was factorised")
+
     # 6. INT8: balance the pairs, calibrate, measure the fake-quant error
     from .quantize import ACT_SCHEME, WEIGHT_SCHEME, output_error
 
@@ -258,6 +274,7 @@ def run(config: Config) -> RunResult:
     # 7. manifest + artifact
     manifest = _manifest(cfg, spec, plan, facts, comp, st, calib, calib_hash, images, qinfo, agreement)
     manifest["calibration"]["comp_images"] = n_comp
+    manifest["finetune"] = finetune
     manifest["timings"] = dict(timings)
     out = save_compressed(cfg.out, compressed.cpu(), manifest)
     lap("save")

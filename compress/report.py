@@ -8,6 +8,16 @@ def _f(x, fmt="{:.4f}") -> str:
     return "n/a" if x is None else fmt.format(x)
 
 
+def _finetune_lines(ft: dict | None) -> list[str]:
+    """One line when recovery fine-tuning was applied (beyond the paper), with its cost."""
+    if not ft:
+        return []
+    return [f"- **fine-tuned** (beyond the paper): {ft['steps']} distillation steps (lr {ft['lr']:g}) on the "
+            f"{ft['images']} calibration images in {ft['seconds']:.1f} s; KL to the dense model "
+            f"{ft['kl_before']:.3g} -> {ft['kl_after']:.3g}. Layer errors below are before fine-tuning; "
+            "outputs and INT8 ranges are after."]
+
+
 def render_report(manifest: dict) -> str:
     m, p, b = manifest["model"], manifest["params"], manifest["budget"]
     cal, q = manifest.get("calibration", {}), manifest.get("quant", {})
@@ -20,6 +30,7 @@ def render_report(manifest: dict) -> str:
         f"- budget: {b['description']} (target <= {b['target_params']:,} parameters)",
         f"- calibration: {cal.get('images', '?')} images from `{cal.get('path', '?')}` "
         f"(hash {cal.get('hash', '?')}, seed {cal.get('seed', '?')})",
+        *_finetune_lines(manifest.get("finetune")),
         "",
         "## Parameters",
         "",

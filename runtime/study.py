@@ -1,5 +1,8 @@
 """The paper's comparison on our models: every factorisation method, uniform vs mixed ranks,
 with and without compensation, at equal parameter budgets, plus INT8 on top of the default.
+With --finetune-steps N, extra rows give the default method after recovery fine-tuning
+(distillation on the calibration images, beyond the paper), labelled "+ FT(N steps)" with its cost;
+every other row, and the comparison with smaller dense models, stays without fine-tuning.
 
 One calibration pass (compress's statistics cache serves every later configuration); the
 evaluation images are decoded once and kept as a tensor; every configuration is scored on
@@ -22,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from runtime.errors import RuntimeStageError
 from runtime.evaluate import Scores, score, write_json
 from runtime.report import atomic_write_bytes, figure_png
 
@@ -52,6 +56,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allocations", default=",".join(ALLOCATIONS), help="rank allocations, comma-separated")
     p.add_argument("--comp-rank", type=int, default=8, help="compensation rank for the 'with' rows")
     p.add_argument("--no-int8", action="store_true", help="skip the INT8 rows")
+    p.add_argument("--finetune-steps", type=int, default=0, metavar="N",
+                   help="also add the default method (whiten/mixed, compensated) after N steps of recovery "
+                        "fine-tuning on the calibration images, FP32 and INT8, as extra rows labelled FT "
+                        "(0: none, the default)")
     p.add_argument("--stats-cache", default=None, help="statistics cache dir (default: compress's)")
     p.add_argument("--baseline", action="append", default=[], metavar="MODEL[=CHECKPOINT]",
                    help="a smaller dense model to set against the compressed one at equal parameter count "
@@ -87,6 +95,8 @@ def main(args: argparse.Namespace) -> int:
     from compress.quantize import apply_fake_quant_
     from tqdm import tqdm
 
+    if args.finetune_steps < 0:
+        raise RuntimeStageError(f"--finetune-steps must be >= 0, got {args.finetune_steps}")
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     methods = [m for m in args.methods.split(",") if m]
@@ -103,30 +113,37 @@ def main(args: argparse.Namespace) -> int:
                      "int8": False, "params": sum(p.numel() for p in small.parameters()),
                      **asdict(score(_logits(small, x, args.batch_size), y, ref))})
     stats_cache = args.stats_cache or str(default_stats_cache())
-    configs = list(itertools.product(args.ratios, methods, allocations, (0, args.comp_rank)))
+    # (ratio, method, allocation, comp_rank, int8, finetune_steps); a fine-tuned config is one compress
+    # run (the fine-tuning is its costly part) scored in FP32 and, unless --no-int8, with INT8 fake-quant
+    configs = [(*c, False, 0) for c in itertools.product(args.ratios, methods, allocations, (0, args.comp_rank))]
     if not args.no_int8:
-        configs += [(r, *DEFAULT, args.comp_rank, "int8") for r in args.ratios]
+        configs += [(r, *DEFAULT, args.comp_rank, True, 0) for r in args.ratios]
+    if args.finetune_steps:
+        configs += [(r, *DEFAULT, args.comp_rank, not args.no_int8, args.finetune_steps) for r in args.ratios]
     work = Path(tempfile.mkdtemp(prefix="study-"))
     try:
         for cfg in tqdm(configs, desc="study", unit="config"):
-            ratio, method, allocation, comp = cfg[:4]
-            int8 = len(cfg) == 5
+            ratio, method, allocation, comp, int8, ft = cfg
             t = time.perf_counter()
             res = run(Config(model=args.model, checkpoint=args.checkpoint, pretrained=args.pretrained, calib=args.calib,
                              num_calib=args.num_calib, ratio=ratio, method=method, allocation=allocation,
-                             comp_rank=comp, quant=int8, stats_cache=stats_cache,
+                             comp_rank=comp, quant=int8, finetune_steps=ft, stats_cache=stats_cache,
                              out=str(work / "c")))
             seconds = time.perf_counter() - t
-            model = res.model
-            if int8:
-                apply_fake_quant_(model, res.manifest["quant"]["act_ranges"])
-            s: Scores = score(_logits(model, x, args.batch_size), y, ref)
-            m = res.manifest
-            rows.append({"ratio": ratio, "method": method, "allocation": allocation, "comp_rank": comp,
-                         "int8": int8, "params": m["params"]["after"],
-                         "removed": m["params"]["removed_ratio"], "sum_error": m["errors"]["sum_svd"],
-                         "compress_seconds": round(seconds, 1), **asdict(s)})
-            log.info("%s", rows[-1])
+            model, m = res.model, res.manifest
+            for fake_quant in ((False, True) if ft and int8 else (int8,)):
+                if fake_quant:
+                    apply_fake_quant_(model, m["quant"]["act_ranges"])
+                s: Scores = score(_logits(model, x, args.batch_size), y, ref)
+                rows.append({"ratio": ratio, "method": method, "allocation": allocation, "comp_rank": comp,
+                             "int8": fake_quant, "params": m["params"]["after"],
+                             "removed": m["params"]["removed_ratio"], "sum_error": m["errors"]["sum_svd"],
+                             "compress_seconds": round(seconds, 1), **asdict(s)})
+                if ft:
+                    f = m["finetune"]
+                    rows[-1].update(finetune_steps=ft, finetune_lr=f["lr"], finetune_seconds=round(f["seconds"], 1),
+                                    finetune_images=f["images"])
+                log.info("%s", rows[-1])
     finally:
         shutil.rmtree(work, ignore_errors=True)
     result = {"model": args.model, "checkpoint": args.checkpoint, "data": images.root,
@@ -143,6 +160,19 @@ def _is_config(row: dict) -> bool:
     return row["method"] != "dense" and not row["method"].startswith("baseline:")
 
 
+def _ft(row: dict) -> int:
+    """Fine-tuning steps of a row (0: the paper's setting, no fine-tuning; older study.json lack the key)."""
+    return row.get("finetune_steps", 0)
+
+
+def _key(row: dict) -> tuple:
+    return row["method"], row["allocation"], row["comp_rank"], row["int8"], _ft(row)
+
+
+def _label(method: str, int8: bool, ft: int) -> str:
+    return f"{method}{f' + FT({ft} steps)' if ft else ''}{' + INT8' if int8 else ''}"
+
+
 def format_markdown(result: dict) -> str:
     rows = result["rows"]
     dense = rows[0]
@@ -150,23 +180,38 @@ def format_markdown(result: dict) -> str:
     head = ("| method | allocation | compensation | " + " | ".join(f"{100 * r:.0f}% fewer" for r in ratios) + " |")
     out = [f"Top-1 % on {result['num_images']} images of {result['data']} (dense: "
            f"{100 * dense['top1']:.2f}%, {dense['params']:,} parameters), {result['num_calib']} calibration images, "
-           "no fine-tuning. Cells: top-1 (agreement with dense).", "", head,
+           "no fine-tuning" + (" except the extra rows marked FT (recovery fine-tuning by distillation on the "
+                               "calibration images, beyond the paper; cost below)" if any(_ft(r) for r in rows)
+                               else "") + ". Cells: top-1 (agreement with dense).", "", head,
            "|---|---|---|" + "---|" * len(ratios)]
-    keys = sorted({(r["method"], r["allocation"], r["comp_rank"], r["int8"]) for r in rows if _is_config(r)},
-                  key=lambda k: (k[3], METHODS.index(k[0]) if k[0] in METHODS else 9, k[1], k[2]))
-    for method, alloc, comp, int8 in keys:
+    keys = sorted({_key(r) for r in rows if _is_config(r)},
+                  key=lambda k: (k[4], k[3], METHODS.index(k[0]) if k[0] in METHODS else 9, k[1], k[2]))
+    for key in keys:
+        method, alloc, comp, int8, ft = key
         cells = []
         for ratio in ratios:
-            hit = [r for r in rows if (r["method"], r["allocation"], r["comp_rank"], r["int8"], r["ratio"])
-                   == (method, alloc, comp, int8, ratio)]
+            hit = [r for r in rows if _is_config(r) and _key(r) == key and r["ratio"] == ratio]
             cells.append(f"{100 * hit[0]['top1']:.2f} ({100 * hit[0]['agreement']:.1f})" if hit else "-")
-        label = f"{method}{' + INT8' if int8 else ''}"
-        out.append(f"| {label} | {alloc} | {'q=' + str(comp) if comp else 'off'} | " + " | ".join(cells) + " |")
+        out.append(f"| {_label(method, int8, ft)} | {alloc} | {'q=' + str(comp) if comp else 'off'} | "
+                   + " | ".join(cells) + " |")
+    tuned = [r for r in rows if _is_config(r) and _ft(r)]
+    if tuned:
+        out += ["", "Cost of the recovery fine-tuning (FT rows only; seconds of distillation inside compress, "
+                "on this machine):", "", "| variant | " + " | ".join(f"{100 * r:.0f}% fewer" for r in ratios) + " |",
+                "|---|" + "---|" * len(ratios)]
+        for key in sorted({_key(r) for r in tuned}, key=lambda k: (k[3], k[4])):
+            cells = []
+            for ratio in ratios:
+                hit = [r for r in tuned if _key(r) == key and r["ratio"] == ratio]
+                cells.append(f"{hit[0]['finetune_seconds']:.1f} s ({hit[0]['finetune_images']} images, "
+                             f"lr {hit[0]['finetune_lr']:g})" if hit else "-")
+            out.append(f"| {_label(key[0], key[3], key[4])} | " + " | ".join(cells) + " |")
     baselines = [r for r in rows if r["method"].startswith("baseline:")]
     if baselines:
         out += ["", "Compressed model (default method) vs smaller dense models, same images, by parameter count:",
                 "", "| model | parameters | top-1 % |", "|---|---:|---:|"]
-        best = [r for r in rows if _is_config(r) and (r["method"], r["allocation"]) == DEFAULT and r["comp_rank"]]
+        best = [r for r in rows if _is_config(r) and (r["method"], r["allocation"]) == DEFAULT and r["comp_rank"]
+                and not _ft(r)]
         for r in sorted([dense] + best + baselines, key=lambda r: -r["params"]):
             if r["method"] == "dense":
                 label = f"{result['model']} (dense)"
@@ -187,13 +232,14 @@ def plot(result: dict, path: Path) -> None:
     rows = result["rows"]
     dense = rows[0]
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    groups = sorted({(r["method"], r["allocation"], r["comp_rank"], r["int8"]) for r in rows if _is_config(r)})
-    for method, alloc, comp, int8 in groups:
-        pts = sorted((r["ratio"], r["top1"]) for r in rows if (r["method"], r["allocation"], r["comp_rank"],
-                                                                r["int8"]) == (method, alloc, comp, int8))
-        style = "-" if alloc == "mixed" else ":"
+    groups = sorted({_key(r) for r in rows if _is_config(r)})
+    for key in groups:
+        method, alloc, comp, int8, ft = key
+        pts = sorted((r["ratio"], r["top1"]) for r in rows if _is_config(r) and _key(r) == key)
+        style = "--" if ft else "-" if alloc == "mixed" else ":"
         ax.plot([100 * p[0] for p in pts], [100 * p[1] for p in pts], style, marker="o" if comp else "x",
-                label=f"{method}/{alloc}/{'comp' if comp else 'no comp'}{'/INT8' if int8 else ''}")
+                label=f"{method}/{alloc}/{'comp' if comp else 'no comp'}{'/INT8' if int8 else ''}"
+                      f"{f'/FT {ft} steps' if ft else ''}")
     ax.axhline(100 * dense["top1"], color="k", lw=1, label="dense")
     for r in rows:
         if r["method"].startswith("baseline:"):
@@ -201,7 +247,8 @@ def plot(result: dict, path: Path) -> None:
                     label=f"{r['method'].split(':', 1)[1]} (smaller dense)")
     ax.set_xlabel("% of all parameters removed")
     ax.set_ylabel("top-1 %")
-    ax.set_title(f"{result['model']}: accuracy vs compression (no fine-tuning)")
+    ax.set_title(f"{result['model']}: accuracy vs compression (no fine-tuning"
+                 + (", except dashed FT lines)" if any(_ft(r) for r in rows) else ")"))
     ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
     atomic_write_bytes(path, figure_png(fig, dpi=120))

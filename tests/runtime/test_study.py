@@ -59,3 +59,29 @@ def test_smaller_dense_baseline_is_reported_by_parameter_count(study_result):
     md = (out / "study.md").read_text()
     assert "vit_cifar_narrow (dense, trained with the same recipe)" in md
     assert f"{base[0]['params']:,}" in md
+
+
+def test_finetuned_rows_are_extra_rows_labelled_with_their_cost(tmp_path):
+    """FT rows get their own labelled lines and a cost table; the no-fine-tuning rows and the
+    comparison with smaller dense models are unchanged by them (no model is run: rows are given)."""
+    score = dict(top1=0.7, top5=0.97, agreement=0.98, cosine=0.999, kl=0.001)
+    row = dict(ratio=0.6, method="whiten", allocation="mixed", comp_rank=8, params=1_000_000, **score)
+    ft = dict(finetune_steps=200, finetune_lr=3e-5, finetune_seconds=45.6, finetune_images=256)
+    rows = [dict(ratio=0.0, method="dense", allocation="-", comp_rank=0, int8=False, params=2_700_000,
+                 **dict(score, top1=0.71)),
+            dict(row, int8=False, top1=0.706), dict(row, int8=True, top1=0.705),
+            dict(row, int8=False, top1=0.7075, **ft), dict(row, int8=True, top1=0.7071, **ft),
+            dict(ratio=None, method="baseline:vit_cifar_narrow", allocation="-", comp_rank=0, int8=False,
+                 params=1_200_000, **score)]
+    result = {"model": "vit_cifar_ref", "data": "x", "num_images": 2000, "num_calib": 256, "rows": rows}
+    md = study.format_markdown(result)
+    assert "| whiten | mixed | q=8 | 70.60 (98.0) |" in md and "| whiten + INT8 | mixed | q=8 | 70.50 (98.0) |" in md
+    assert "| whiten + FT(200 steps) | mixed | q=8 | 70.75 (98.0) |" in md
+    assert "| whiten + FT(200 steps) + INT8 | mixed | q=8 | 70.71 (98.0) |" in md
+    assert "45.6 s (256 images, lr 3e-05)" in md and "except the extra rows marked FT" in md
+    baseline_table = md.split("smaller dense models")[1]
+    assert "FT" not in baseline_table and "60% fewer + INT8 | 1,000,000 | 70.50" in baseline_table
+    without = study.format_markdown(dict(result, rows=[r for r in rows if "finetune_steps" not in r]))
+    assert "FT" not in without and "no fine-tuning." in without
+    study.plot(result, tmp_path / "s.png")
+    assert (tmp_path / "s.png").stat().st_size > 10_000
