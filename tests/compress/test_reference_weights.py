@@ -4,22 +4,23 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from safetensors import safe_open
 
 from compress import load_model, reference_model
 from calibration_data import make_loader
 from runtime.evaluate import evaluate, resolve_data, torch_variant
 
-CARD = Path(reference_model.WEIGHTS_DIR) / "vit_cifar_ref.json"
 
 
-def test_bundled_weights_reproduce_the_stated_accuracy():
-    card = json.loads(CARD.read_text())
-    path = reference_model.weights_path("vit_cifar_ref")
+@pytest.mark.parametrize("arch", ["vit_cifar_ref", "vit_cifar_narrow"])
+def test_bundled_weights_reproduce_the_stated_accuracy(arch):
+    card = json.loads((Path(reference_model.WEIGHTS_DIR) / f"{arch}.json").read_text())
+    path = reference_model.weights_path(arch)
     with safe_open(str(path), "pt") as f:                   # the training run's own record agrees
         assert float(f.metadata()["test_top1"]) == card["cifar10_test_top1"]
-    model = load_model("vit_cifar_ref")                       # bundled weights, no checkpoint given
-    images = resolve_data(card["bundled_eval"], "vit_cifar_ref")
+    model = load_model(arch)                       # bundled weights, no checkpoint given
+    images = resolve_data(card["bundled_eval"], arch)
     assert len(images) == card["bundled_eval_images"]
     scores = evaluate({"dense": torch_variant(model)}, make_loader(images, model, batch_size=250))
     top1 = scores["dense"].top1
