@@ -111,18 +111,54 @@ def _torch_runner(model, input_shape, name: str):
     return TorchRunner()
 
 
-def _ort_session(path: str, threads: int):
+# x86 flags of an int8 dot product that accumulates in int32 (no int16 intermediate)
+_VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
+
+
+def cpu_int8_saturates(cpuinfo: str | None = None, machine: str | None = None) -> bool:
+    """True where ONNX Runtime's fused int8 GEMMs are not exact: x86 CPUs without VNNI/AMX.
+
+    There MLAS multiplies u8 x s8 pairs with vpmaddubsw, whose int16 pair sums saturate
+    for large activations and weights (ORT's quantization docs: use VNNI or reduce_range).
+    TensorRT, ARM and VNNI CPUs accumulate in int32 and compute the QDQ graph exactly.
+    """
+    import platform
+
+    machine = machine or platform.machine()
+    if machine.lower() not in ("x86_64", "amd64", "i386", "i686"):
+        return False
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpuinfo = f.read()
+        except OSError:
+            return False
+    flags = set()
+    for line in cpuinfo.splitlines():
+        if line.split(":")[0].strip() in ("flags", "Features") and ":" in line:
+            flags.update(line.split(":", 1)[1].split())
+    return bool(flags) and not flags.intersection(_VNNI_FLAGS)
+
+
+def _ort_session(path: str, threads: int, int8_kernels: bool):
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.log_severity_level = 3
     so.intra_op_num_threads = threads
+    if not int8_kernels:                 # Q/DQ run as float ops: the graph's exact meaning
+        so.add_session_config_entry("session.disable_quant_qdq", "1")
     return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
 
 
 def check_parity(onnx_path, model, batches: list[np.ndarray], tolerance: Tolerance,
-                 reference: str = "pytorch", threads: int = 1) -> ParityResult:
-    """Run ``model`` and the ONNX file on ``batches`` (float32 NCHW) and compare the logits."""
+                 reference: str = "pytorch", threads: int = 1, int8_kernels: bool = False) -> ParityResult:
+    """Run ``model`` and the ONNX file on ``batches`` (float32 NCHW) and compare the logits.
+
+    By default ORT keeps QuantizeLinear/DequantizeLinear as float ops, so an INT8 file is checked
+    for what it computes on any exact int8 engine (TensorRT, VNNI/ARM CPUs); ``int8_kernels``
+    lets ORT fuse them into its int8 GEMMs instead, to see what this CPU's kernels give.
+    """
     from pathlib import Path
 
     from polygraphy.backend.onnxrt import OnnxrtRunner
@@ -133,7 +169,7 @@ def check_parity(onnx_path, model, batches: list[np.ndarray], tolerance: Toleran
     model = model.eval()
     feeds = [{INPUT_NAME: np.ascontiguousarray(b, dtype=np.float32)} for b in batches]
     runners = [_torch_runner(model, feeds[0][INPUT_NAME].shape[1:], reference),
-               OnnxrtRunner(lambda: _ort_session(path, threads), name=Path(path).name)]
+               OnnxrtRunner(lambda: _ort_session(path, threads, int8_kernels), name=Path(path).name)]
     with G_LOGGER.verbosity(G_LOGGER.ERROR):
         results = Comparator.run(runners, data_loader=feeds)
         ref = np.concatenate([it[OUTPUT_NAME] for it in results[runners[0].name]])

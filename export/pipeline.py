@@ -248,19 +248,31 @@ def check_file(path: Path, model, precision: str, ranges: dict | None, batches, 
     """Stats + parity of one written file; int8 files are compared with the fake-quant model."""
     from compress.quantize import apply_fake_quant_, remove_fake_quant_
 
-    from .parity import TOLERANCES, check_parity
+    from .parity import TOLERANCES, check_parity, cpu_int8_saturates
     from .stats import graph_stats
 
     reference = "pytorch " + ("fake-quant int8" if ranges is not None else "fp32")
+    kernels = None
     if ranges is not None:
         apply_fake_quant_(model, ranges)
     try:
         parity = check_parity(path, model, batches, TOLERANCES[precision], reference, threads)
+        if ranges is not None:       # what ORT's own int8 kernels give on this CPU: reported, not gated
+            kernels = check_parity(path, model, batches, TOLERANCES[precision], reference, threads,
+                                   int8_kernels=True)
     finally:
         if ranges is not None:
             remove_fake_quant_(model)
     log.info("%s", parity)
-    return {"precision": precision, **graph_stats(path), "parity": parity.to_dict()}
+    stats = {"precision": precision, **graph_stats(path), "parity": parity.to_dict()}
+    if kernels is not None:
+        stats["ort_int8_kernels"] = {**kernels.to_dict(), "cpu_saturates": cpu_int8_saturates()}
+        if not kernels:
+            log.warning("%s: ONNX Runtime's int8 kernels on this CPU deviate from the graph (max abs %.3g, "
+                        "top-1 %.1f%%)%s", path.name, kernels.max_abs, 100 * kernels.top1_agreement,
+                        "; x86 without VNNI: their int16 pair sums saturate, TensorRT and VNNI/ARM CPUs "
+                        "are exact" if cpu_int8_saturates() else "")
+    return stats
 
 
 def build_report(manifest, models, options, calib, files) -> dict:

@@ -13,6 +13,8 @@ import subprocess
 from importlib import metadata
 from pathlib import Path
 
+from export.parity import cpu_int8_saturates
+
 log = logging.getLogger(__name__)
 
 LIBRARIES = ("numpy", "onnx", "onnxruntime", "onnxruntime-gpu", "tensorrt", "torch", "timm",
@@ -125,6 +127,7 @@ def machine_info() -> dict:
         "python": platform.python_version(),
         "cpu": cpu_model(),
         "cpus": cpu_counts(),
+        "cpu_int8_saturates": cpu_int8_saturates(),
         "memory_bytes": memory_total(),
         "jetson": jetson(),
         "gpus": gpus(),
@@ -137,6 +140,8 @@ def describe_machine(info: dict) -> str:
     """One line for reports: 'CPU (N cores), RAM, GPU (driver), libraries'."""
     cpus = info.get("cpus") or {}
     parts = [f"{info.get('cpu') or 'unknown CPU'} ({cpus.get('usable')} usable / {cpus.get('logical')} logical CPUs)"]
+    if info.get("cpu_int8_saturates"):
+        parts.append("no VNNI: ONNX Runtime's int8 GEMMs saturate here")
     if info.get("memory_bytes"):
         parts.append(f"{info['memory_bytes'] / 2**30:.1f} GiB RAM")
     if info.get("jetson"):

@@ -12,7 +12,6 @@ from calibration_data import make_loader
 from runtime.evaluate import evaluate, resolve_data, torch_variant
 
 
-
 @pytest.mark.parametrize("arch", ["vit_cifar_ref", "vit_cifar_narrow"])
 def test_bundled_weights_reproduce_the_stated_accuracy(arch):
     card = json.loads((Path(reference_model.WEIGHTS_DIR) / f"{arch}.json").read_text())

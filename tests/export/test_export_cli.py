@@ -53,6 +53,11 @@ def test_cli_writes_six_checked_files_and_a_report(compressed_dir, tmp_path, cap
         assert f["parity"]["passed"] and f["parity"]["images"] == 8
         assert f["lowrank_pairs"] == (7 if name.startswith("model") else 0)
         assert (f["qdq"]["int8_weights"] > 0) == (".int8." in name)
+        # ORT's own fused int8 kernels are measured too (exact or not depends on the CPU)
+        assert ("ort_int8_kernels" in f) == (".int8." in name)
+        if ".int8." in name:
+            k = f["ort_int8_kernels"]
+            assert k["images"] == 8 and k["max_abs"] >= 0 and isinstance(k["cpu_saturates"], bool)
     assert report["files"]["model.int8.onnx"]["qdq"]["int8_weights"] == 2 * 7 + 2  # pairs + dense proj + head
     assert report["files"]["model.int8.onnx"]["initializer_bytes"]["int8"] > 0
     assert report["params"]["model"] < report["params"]["dense"]

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from compress.quantize import apply_fake_quant_, calibrate_activations, remove_fake_quant_
-from export.parity import TOLERANCES, Tolerance, check_parity
+from export.parity import TOLERANCES, Tolerance, check_parity, cpu_int8_saturates
 from export_testlib import compress_like
 
 
@@ -51,6 +51,32 @@ def test_int8_file_is_the_fake_quant_model_layer_by_layer(tiny, tiny_onnx, cifar
         onnx.save(insert_qdq(proto, quantized_linears(model, sub)), str(path))
         r = _parity(path, model, [x], "int8", sub)
         assert r.max_abs < 1e-4 * max(1.0, r.logit_scale), str(r)
+
+
+def test_int8_saturation_is_read_from_the_cpu_flags():
+    assert cpu_int8_saturates("processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma\n", "x86_64")
+    assert not cpu_int8_saturates("flags\t\t: avx2 avx512f avx512bw avx512_vnni\n", "x86_64")
+    assert not cpu_int8_saturates("flags\t\t: avx2 avx_vnni\n", "x86_64")
+    assert not cpu_int8_saturates("flags\t\t: avx2 amx_int8\n", "x86_64")
+    assert not cpu_int8_saturates("Features\t: fp asimd asimddp\n", "aarch64")
+    assert not cpu_int8_saturates("", "x86_64")          # flags unknown: no claim
+
+
+def test_int8_kernels_are_exact_unless_the_cpu_saturates(tiny, tiny_onnx, cifar_batches):
+    """ORT's fused int8 GEMMs reproduce the QDQ graph where they accumulate in int32; on x86 without
+    VNNI large products saturate int16 pair sums, which the default (float Q/DQ) check is immune to."""
+    model = tiny["model"]
+    apply_fake_quant_(model, tiny["ranges"])
+    try:
+        graph = check_parity(tiny_onnx["model.int8.onnx"], model, cifar_batches[:1], TOLERANCES["int8"])
+        kernels = check_parity(tiny_onnx["model.int8.onnx"], model, cifar_batches[:1], TOLERANCES["int8"],
+                               int8_kernels=True)
+    finally:
+        remove_fake_quant_(model)
+    assert graph and graph.rel_l2 < 0.05, str(graph)
+    if not cpu_int8_saturates():
+        assert kernels and kernels.rel_l2 < 0.05, str(kernels)
+    assert graph.rel_l2 <= kernels.rel_l2 + 1e-3     # the float Q/DQ path is the closer one
 
 
 def test_parity_fails_loudly_on_a_wrong_reference(tiny, tiny_onnx, cifar_batches):
