@@ -13,12 +13,8 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see python -m compress --help)\n")
 
 
-def get_parser() -> argparse.ArgumentParser:
-    p = _Parser(
-        prog="python -m compress",
-        description="Activation-aware mixed-rank low-rank compression (+ INT8 PTQ ranges) of a timm ViT. "
-                    "Writes DIR/{manifest.json, weights.safetensors, report.md, ranks.png}.")
-    g = p.add_argument_group("model")
+def add_weights_arguments(g) -> None:
+    """--model, --checkpoint and --pretrained/--random-init (shared with runtime sweep and fit)."""
     g.add_argument("--model", required=True, help="timm model name (e.g. deit_tiny_patch16_224, vit_cifar_ref)")
     g.add_argument("--checkpoint", help="local weights: .safetensors or a torch file (weights_only)")
     w = g.add_mutually_exclusive_group()
@@ -27,6 +23,15 @@ def get_parser() -> argparse.ArgumentParser:
     w.add_argument("--random-init", dest="pretrained", action="store_const", const=False,
                    help="random weights even for bundled models (default: bundled weights for "
                         "vit_cifar_* when present, random init for other models)")
+
+
+def get_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="python -m compress",
+        description="Activation-aware mixed-rank low-rank compression (+ INT8 PTQ ranges) of a timm ViT. "
+                    "Writes DIR/{manifest.json, weights.safetensors, report.md, ranks.png}.")
+    g = p.add_argument_group("model")
+    add_weights_arguments(g)
     g.add_argument("--include-head", action="store_true", help="also factorise the classifier head")
     g = p.add_argument_group("calibration")
     g.add_argument("--calib", help="image folder (flat or one subfolder per class); default: the bundled "

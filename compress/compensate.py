@@ -72,9 +72,10 @@ def sequential_error(W, A, B, C, Ct, D, G=None, Y=None) -> float:
 
 @contextlib.contextmanager
 def _one_thread():
-    """The fit is a loop of skinny products (q = 8 columns): on a loaded machine, OpenMP
+    """Adam is a loop of skinny products (q = 8 columns): on a loaded machine, OpenMP
     synchronisation across threads costs far more than the arithmetic (measured 60x slower
-    with 2 threads on a busy 2-core box), so it runs single-threaded and restores the setting."""
+    with 2 threads on a busy 2-core box), so it runs single-threaded and restores the setting.
+    The closed form's square products, Cholesky and SVD keep every thread."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -88,21 +89,19 @@ def fit_compensation(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch
                      damping: float = 1e-4, seed: int = 0, name: str = ""
                      ) -> tuple[torch.Tensor, torch.Tensor, CompInfo]:
     """G (m x q), Y (n x q) minimising the sequential output error; see the module docstring."""
-    with _one_thread():
-        return _fit(W, A, B, C, Ct, D, q, steps, lr, damping, seed, name)
-
-
-def _fit(W, A, B, C, Ct, D, q, steps, lr, damping, seed, name):
     W, A, B, C, Ct, D = (t.detach().cpu().double() for t in (W, A, B, C, Ct, D))
     m, n = W.shape
+    AB = A @ B
+    WD = W @ D                       # the three m x n x n products, each computed once
+    ABCt = AB @ Ct
     energy = float(((W @ C) * W).sum())
-    base = sequential_error(W, A, B, C, Ct, D)
+    base = max(energy - 2 * float((WD * AB).sum()) + float((ABCt * AB).sum()), 0.0) / energy \
+        if energy > 0 else 0.0       # = sequential_error(W, A, B, C, Ct, D)
     if q <= 0:
         return torch.zeros(m, 0), torch.zeros(n, 0), CompInfo(name, 0, base, base, base, 0)
     if energy <= 0:  # the layer sees no input energy: nothing to correct, keep the planned width
         return torch.zeros(m, q), torch.zeros(n, q), CompInfo(name, q, base, base, base, 0)
-    AB = A @ B
-    P = AB @ Ct - W @ D              # f = const + [2 tr(G^T P Y) + tr(G^T G Y^T C~ Y)] / energy
+    P = ABCt - WD                    # f = const + [2 tr(G^T P Y) + tr(G^T G Y^T C~ Y)] / energy
     # closed form on the damped objective: whitened SVD of the residual K = -P
     L, _ = damped_cholesky(Ct, damping, name)
     K_white = torch.linalg.solve_triangular(L, (-P).T, upper=False).T   # K L^-T
@@ -124,7 +123,8 @@ def _fit(W, A, B, C, Ct, D, q, steps, lr, damping, seed, name):
     best = (init_err, G.clone(), Y.clone())
     ran = 0
     if steps > 0:
-        best, ran = _adam(G, Y, P, Ct, energy, const, steps, lr, best)
+        with _one_thread():
+            best, ran = _adam(G, Y, P, Ct, energy, const, steps, lr, best)
     err, G, Y = best
     if err > base:  # cannot happen in exact arithmetic; never let compensation hurt
         log.warning("%s: compensation did not lower the error (%.3g -> %.3g); dropped", name, base, err)

@@ -333,14 +333,10 @@ def _kwarg(text: str) -> tuple[str, object]:
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     """The compress options sweep and fit share (a subset of python -m compress's)."""
+    from compress.__main__ import add_weights_arguments
+
     g = p.add_argument_group("model and method (as python -m compress)")
-    g.add_argument("--model", required=True, help="timm model name (e.g. vit_cifar_ref)")
-    g.add_argument("--checkpoint", help="local weights (.safetensors or torch file)")
-    w = g.add_mutually_exclusive_group()
-    w.add_argument("--pretrained", dest="pretrained", action="store_const", const=True, default=None,
-                   help="timm's pretrained weights (needs the model hub; bundled for vit_cifar_*)")
-    w.add_argument("--random-init", dest="pretrained", action="store_const", const=False,
-                   help="random weights even for bundled models")
+    add_weights_arguments(g)
     g.add_argument("--model-arg", type=_kwarg, action="append", default=[], metavar="KEY=VALUE",
                    help="keyword for timm.create_model, e.g. depth=2 (repeatable; recorded in the manifest)")
     g.add_argument("--calib", help="calibration image folder (default: the bundled set for the model)")
