@@ -275,11 +275,25 @@ def _accuracy_section(run: RunFiles, points: list[EvalPoint]) -> list[str]:
         lines.append(f"| {pt.name} | {pt.runs_on} | {_int(pt.params)} | {_num(_ratio(pt.file_bytes, MB))} "
                      f"| {_pct(s['top1'])} | {_num(delta, '+.2f')} | {_pct(s['top5'])} | {_pct(s.get('agreement'))} "
                      f"| {_num(s.get('cosine'), '.5f')} | {_num(s.get('kl'), '.5f')} |")
+    note = int8_kernel_note(run, points)
+    if note:
+        lines += ["", note]
     if run.manifest and run.manifest["model"].get("weights") == "random-init":
         lines += ["", "**The weights are a random init: these accuracies say nothing about the method** "
                       "(train the reference model with `make reference-model` or pass a checkpoint)."]
     lines += ["", f"Plot: {_link(run, PLOT)}"]
     return lines
+
+
+def int8_kernel_note(run: RunFiles, points: list[EvalPoint]) -> str | None:
+    """Why ORT's INT8 rows may trail the fake-quant row: the CPU's int8 kernels (export measured them)."""
+    k = ((run.export or {}).get("files") or {}).get("model.int8.onnx", {}).get("ort_int8_kernels")
+    if not k or not k.get("cpu_saturates") or not any("int8.onnx" in pt.name for pt in points):
+        return None
+    return ("**Note:** this CPU has no VNNI, so ONNX Runtime's int8 GEMMs saturate their int16 pair sums; "
+            f"at export its INT8 logits were off the graph's by rel. L2 {k['rel_l2']:.3f} "
+            f"(top-1 agreement {_pct(k['top1_agreement'], 1)}%). The `compressed-int8-fakequant` row is what "
+            "the file computes exactly (TensorRT, VNNI or ARM CPUs).")
 
 
 def _export_section(run: RunFiles) -> list[str]:

@@ -127,6 +127,8 @@ def build_document(base, config: SweepConfig, runs: list[dict], started: str) ->
     benches = [r["bench"] for r in runs if r["bench"]]
     lat = {p: stages.normalised_latency(benches, f"lowrank-{p}", bs) for p in PRECISIONS}
     dense_lat = {p: stages.normalised_latency(benches, f"dense-{p}", bs) for p in PRECISIONS}
+    from runtime.machine import machine_info
+
     first = runs[0]
     ev0 = first["eval"]["variants"]
     backend = config.backend
@@ -173,7 +175,7 @@ def build_document(base, config: SweepConfig, runs: list[dict], started: str) ->
                         "passes": passes, "stats_cache": base.stats_cache},
         "data": first["eval"]["data"],
         "config": dataclasses.asdict(config) | {"compress": dataclasses.asdict(base)},
-        "machine": benches[0]["machine"] if benches else None,
+        "machine": benches[0]["machine"] if benches else machine_info(),
         "backend": backend,
         "batch_size": bs,
         "dense": dense,
@@ -245,6 +247,9 @@ def render_markdown(doc: dict) -> str:
              f"{cal['passes']} time(s) for {len(pts)} budgets (compress's cache served the rest).",
              f"Accuracy on {doc['data']['num_images']} images from `{doc['data']['root']}`: fp32 = compressed "
              f"model in PyTorch, int8 = model.int8.onnx on `{doc['backend']}`.", ""]
+    if doc["backend"].startswith("ort") and (doc.get("machine") or {}).get("cpu_int8_saturates"):
+        lines[-1:-1] = ["This CPU has no VNNI: ONNX Runtime's int8 GEMMs saturate their int16 pair sums, so the "
+                        "int8 columns trail what the files compute (exactly, on TensorRT or a VNNI/ARM CPU)."]
     if lat:
         lines += [f"Latency: p50 at batch {doc['batch_size']} on `{doc['backend']}`, each ratio measured interleaved "
                   "with the dense model and rescaled to the median dense FP32 p50 over all runs "

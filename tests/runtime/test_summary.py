@@ -74,6 +74,20 @@ def test_accuracy_plot_and_atomic_outputs(report):
     assert oct((d / summary.REPORT).stat().st_mode & 0o777) == "0o644"
 
 
+def test_int8_kernel_note_follows_the_export_measurement(report, tiny_run_dir):
+    text, _ = report
+    run = summary.load_run(tiny_run_dir)
+    points = summary.eval_points(run)
+    k = run.export["files"]["model.int8.onnx"]["ort_int8_kernels"]
+    assert (summary.int8_kernel_note(run, points) is not None) == k["cpu_saturates"]
+    assert ("int16 pair sums" in text) == k["cpu_saturates"]
+    k["cpu_saturates"] = True                    # as on a CPU without VNNI
+    note = summary.int8_kernel_note(run, points)
+    assert note and f"rel. L2 {k['rel_l2']:.3f}" in note
+    k["cpu_saturates"] = False                   # VNNI / ARM: nothing to explain
+    assert summary.int8_kernel_note(run, points) is None
+
+
 def test_eval_points_place_every_variant(tiny_run_dir):
     run = summary.load_run(tiny_run_dir)
     points = {pt.name: pt for pt in summary.eval_points(run)}
