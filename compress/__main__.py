@@ -60,6 +60,8 @@ def get_parser() -> argparse.ArgumentParser:
                    help="dtype of each batch's Gram product (sums are float64); float32 is ~2x faster")
     g.add_argument("--alpha", type=float, default=0.5, help="exponent of the diag variant")
     g.add_argument("--damping", type=float, default=1e-4, help="whitening damping, relative to mean(diag C)")
+    g.add_argument("--comp-damping", type=float, default=1e-4,
+                   help="ridge of the compensation fit, relative to mean(diag C~) (default 1e-4)")
     g = p.add_argument_group("recovery fine-tuning (beyond the paper; off by default)")
     g.add_argument("--finetune-steps", type=int, default=0, metavar="N",
                    help="Adam steps distilling the dense model's logits into the low-rank factors on the "
@@ -90,7 +92,8 @@ def config_from_args(args: argparse.Namespace):
                   allocation=args.allocation, granule=args.granule, comp_rank=args.comp_rank,
                   comp_steps=args.comp_steps, comp_images=args.comp_images,
                   finetune_steps=args.finetune_steps, finetune_lr=args.finetune_lr,
-                  gram_precision=args.gram_precision, alpha=args.alpha, damping=args.damping, quant=not args.no_quant,
+                  gram_precision=args.gram_precision, alpha=args.alpha, damping=args.damping,
+                  comp_damping=args.comp_damping, quant=not args.no_quant,
                   quant_calib=args.quant_calib, percentile=args.percentile, include_head=args.include_head,
                   stats_cache=cache, device=args.device)
 

@@ -58,6 +58,7 @@ class Config:
     finetune_lr: float = 3e-5
     alpha: float = 0.5                   # exponent of the diag variant
     damping: float = DEFAULT_DAMPING     # whitening lambda relative to the mean Gram diagonal
+    comp_damping: float = DEFAULT_DAMPING  # ridge of the compensation fit, relative to mean(diag C~)
     quant: bool = True
     quant_calib: str = "minmax"          # or "percentile"
     percentile: float = 99.99
@@ -87,8 +88,8 @@ class Config:
             raise CompressError(f"--percentile must be in (50, 100], got {self.percentile}")
         if not self.finetune_lr > 0:
             raise CompressError(f"--finetune-lr must be > 0, got {self.finetune_lr}")
-        if not self.damping >= 0 or not self.alpha >= 0:
-            raise CompressError("--damping and --alpha must be >= 0")
+        if not self.damping >= 0 or not self.alpha >= 0 or not self.comp_damping >= 0:
+            raise CompressError("--damping, --comp-damping and --alpha must be >= 0")
         if self.device != "cpu" and not self.device.startswith(("cuda", "mps")):
             raise CompressError(f"unknown device {self.device!r}; use cpu or cuda[:N]")
 
@@ -233,7 +234,7 @@ def run(config: Config) -> RunResult:
         comp = compensate.compensate_(model, compressed, factors, None if comp_batches is not loader else
                                       {n: st.layers[n].gram for n in factors},
                                       cfg.comp_rank, comp_batches, steps=cfg.comp_steps, lr=cfg.comp_lr,
-                                      damping=cfg.damping, device=dev, seed=cfg.seed,
+                                      damping=cfg.comp_damping, device=dev, seed=cfg.seed,
                                       precision=cfg.gram_precision)
         n_comp = len(images) if comp_batches is loader else sum(len(b[0]) for b in comp_batches)
     compressed.eval()

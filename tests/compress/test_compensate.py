@@ -132,3 +132,26 @@ def test_pipeline_compensation_on_a_subset_of_images(tiny_config):
     assert m["calibration"]["comp_images"] == 8 and m["calibration"]["images"] == 16
     factorised = [l for l in m["layers"].values() if not l["dense"]]
     assert factorised and all(l["error_seq_after"] < l["error_seq_before"] for l in factorised)
+
+
+
+def test_comp_damping_is_a_ridge_that_shrinks_the_correction():
+    """--comp-damping: a larger ridge gives a smaller correction G Y^T and a larger fitting error
+    (the trade that keeps a fit on few images from chasing low-variance directions)."""
+    W, X, Xt, A, B = problem(n=24, tokens=40, noise=0.3, seed=5)
+    C, Ct, D = X @ X.T, Xt @ Xt.T, X @ Xt.T
+    norms, errors = [], []
+    for damping in (1e-6, 1e-2, 1e0, 1e2):
+        G, Y, info = fit_compensation(W, A, B, C, Ct, D, 4, steps=0, damping=damping)
+        norms.append(float((G.double() @ Y.double().T).norm()))
+        errors.append(info.error_after)
+    assert norms == sorted(norms, reverse=True) and norms[-1] < 0.2 * norms[0]
+    assert errors == sorted(errors) and errors[-1] <= info.error_before
+
+
+def test_config_checks_comp_damping():
+    from compress.errors import CompressError
+    from compress.pipeline import Config
+
+    with pytest.raises(CompressError, match="--comp-damping"):
+        Config(model="vit_cifar_ref", out="x", ratio=0.5, comp_damping=-1.0)
