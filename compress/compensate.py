@@ -65,9 +65,13 @@ def sequential_error(W, A, B, C, Ct, D, G=None, Y=None) -> float:
     M = A.double() @ B.double()
     if G is not None and G.numel():
         M = M + G.double() @ Y.double().T
-    den = float(((W @ C) * W).sum())
-    num = den - 2 * float(((W @ D) * M).sum()) + float(((M @ Ct) * M).sum())
-    return max(num, 0.0) / den if den > 0 else 0.0
+    return _error(float(((W @ C) * W).sum()), W @ D, M, M @ Ct)
+
+
+def _error(energy: float, WD: torch.Tensor, M: torch.Tensor, MCt: torch.Tensor) -> float:
+    """The normalised sequential error from its products: (tr(W C W^T) - 2 tr(W D M^T) + tr(M C~ M^T)) / energy."""
+    num = energy - 2 * float((WD * M).sum()) + float((MCt * M).sum())
+    return max(num, 0.0) / energy if energy > 0 else 0.0
 
 
 @contextlib.contextmanager
@@ -95,8 +99,7 @@ def fit_compensation(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch
     WD = W @ D                       # the three m x n x n products, each computed once
     ABCt = AB @ Ct
     energy = float(((W @ C) * W).sum())
-    base = max(energy - 2 * float((WD * AB).sum()) + float((ABCt * AB).sum()), 0.0) / energy \
-        if energy > 0 else 0.0       # = sequential_error(W, A, B, C, Ct, D)
+    base = _error(energy, WD, AB, ABCt)   # = sequential_error(W, A, B, C, Ct, D)
     if q <= 0:
         return torch.zeros(m, 0), torch.zeros(n, 0), CompInfo(name, 0, base, base, base, 0)
     if energy <= 0:  # the layer sees no input energy: nothing to correct, keep the planned width

@@ -266,12 +266,13 @@ def check_file(path: Path, model, precision: str, ranges: dict | None, batches, 
     log.info("%s", parity)
     stats = {"precision": precision, **graph_stats(path), "parity": parity.to_dict()}
     if kernels is not None:
-        stats["ort_int8_kernels"] = {**kernels.to_dict(), "cpu_saturates": cpu_int8_saturates()}
+        saturates = cpu_int8_saturates()
+        stats["ort_int8_kernels"] = {**kernels.to_dict(), "cpu_saturates": saturates}
         if not kernels:
             log.warning("%s: ONNX Runtime's int8 kernels on this CPU deviate from the graph (max abs %.3g, "
                         "top-1 %.1f%%)%s", path.name, kernels.max_abs, 100 * kernels.top1_agreement,
                         "; x86 without VNNI: their int16 pair sums saturate, TensorRT and VNNI/ARM CPUs "
-                        "are exact" if cpu_int8_saturates() else "")
+                        "are exact" if saturates else "")
     return stats
 
 

@@ -122,13 +122,12 @@ def _one_line(run: dict) -> str:
 def build_document(base, config: SweepConfig, runs: list[dict], started: str) -> dict:
     """sweep.json: the dense reference, one point per ratio, Pareto flags, calibration passes."""
     from runtime import stages
+    from runtime.machine import machine_info
 
     bs = config.batch_size
     benches = [r["bench"] for r in runs if r["bench"]]
     lat = {p: stages.normalised_latency(benches, f"lowrank-{p}", bs) for p in PRECISIONS}
     dense_lat = {p: stages.normalised_latency(benches, f"dense-{p}", bs) for p in PRECISIONS}
-    from runtime.machine import machine_info
-
     first = runs[0]
     ev0 = first["eval"]["variants"]
     backend = config.backend
