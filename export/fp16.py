@@ -1,4 +1,4 @@
-"""FP16 variant of an fp32 graph: weights and compute in half, float32 I/O, LayerNorm in fp32.
+"""FP16 variant of an fp32 or QDQ graph: weights and compute in half, float32 I/O, LayerNorm in fp32.
 
 Every float32 initializer and intermediate becomes float16; Cast nodes at the boundaries keep
 the file's interface ("input"/"logits" float32) unchanged, so runtimes and parity checks
@@ -6,27 +6,44 @@ feed it like the fp32 file. LayerNormalization is wrapped in Cast(fp32) ... Cast
 fp32 scale/bias: its mean/variance reduction is where fp16 overflows (x² > 65504 for
 |x| > 256, common in ViT residual streams). Written here (a few dozen lines) instead of
 adding onnxconverter-common for one function.
+
+A QDQ (int8) graph converts too, into what a strongly typed TensorRT network runs as INT8
+GEMMs with FP16 everywhere else (ModelOpt's default): Q/DQ scales become float16, which
+QuantizeLinear/DequantizeLinear accept from opset 19 on. A scale below float16's smallest
+normal number (6.1e-5) is raised to it; a weight channel with such a scale is re-quantized
+to the raised scale (error <= 3.1e-5 absolute), so no scale underflows to zero.
 """
 from __future__ import annotations
 
+import logging
 
 import numpy as np
 
 from .errors import ExportError
 from .gsutil import replace_tensor, to_proto
 
+log = logging.getLogger(__name__)
+
 FP16_MAX = float(np.finfo(np.float16).max)
+FP16_TINY = float(np.finfo(np.float16).tiny)  # smallest normal float16
 KEEP_FP32_OPS = ("LayerNormalization",)
+QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
+QDQ_FP16_OPSET = 19  # first opset whose QuantizeLinear/DequantizeLinear take float16 scales
 
 
 def to_fp16(proto):
-    """Return a float16 copy of an fp32 ``proto`` (see module docstring)."""
+    """Return a float16 copy of an fp32 or QDQ ``proto`` (see module docstring)."""
     import onnx
     import onnx_graphsurgeon as gs
 
     graph = gs.import_onnx(proto)
-    if any(n.op in ("QuantizeLinear", "DequantizeLinear") for n in graph.nodes):
-        raise ExportError("fp16 conversion expects an fp32 graph, not a QDQ (int8) one")
+    qdq = [n for n in graph.nodes if n.op in QDQ_OPS]
+    if qdq:
+        opset = graph_opset(proto)
+        if opset < QDQ_FP16_OPSET:
+            raise ExportError(f"a QDQ graph needs opset >= {QDQ_FP16_OPSET} for float16 scales, this one "
+                              f"is opset {opset} (onnx.version_converter.convert_version it first)")
+        _half_qdq_scales(qdq)
     kept = [n for n in graph.nodes if n.op in KEEP_FP32_OPS]
     for node in kept:  # an fp32 parameter shared with a half-precision op gets its own copy
         for i, t in enumerate(node.inputs[1:], start=1):
@@ -78,6 +95,40 @@ def to_fp16(proto):
         replace_tensor(prod.outputs, out, half)
         graph.nodes.append(_cast(f"{out.name}.cast_fp32", half, out, onnx.TensorProto.FLOAT))
     return to_proto(graph, proto)
+
+
+def graph_opset(proto) -> int:
+    return next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
+
+
+def _half_qdq_scales(nodes) -> None:
+    """Q/DQ scales -> float16, none below FP16_TINY; weights re-quantized where theirs was raised."""
+    import onnx_graphsurgeon as gs
+
+    done = set()
+    for node in nodes:
+        scale = node.inputs[1]
+        if not isinstance(scale, gs.Constant):
+            raise ExportError(f"{node.name}: Q/DQ scale {scale.name} is not a constant")
+        if id(scale) in done or scale.values.dtype != np.float32:
+            continue
+        done.add(id(scale))
+        s32 = np.asarray(scale.values, dtype=np.float32)
+        s16 = _half(s32, scale.name)
+        low = s16.astype(np.float32) < FP16_TINY
+        if np.any(low):
+            s16 = np.where(low, np.float16(FP16_TINY), s16).astype(np.float16)
+            data = node.inputs[0]
+            if node.op == "DequantizeLinear" and isinstance(data, gs.Constant):  # an int8 weight
+                axis = node.attrs.get("axis", 1)
+                shape = [1] * data.values.ndim
+                shape[axis] = -1
+                ratio = (s32 / s16.astype(np.float32)).reshape(shape) if s32.ndim else s32 / np.float32(s16)
+                q = np.asarray(data.values)
+                data.values = np.clip(np.round(q * ratio), -127, 127).astype(q.dtype)
+            log.warning("%s: %d scale(s) below float16's smallest normal %.3g raised to it",
+                        scale.name, int(low.sum()), FP16_TINY)
+        scale.values = s16
 
 
 def _cast(name, x, y, to):

@@ -1,7 +1,12 @@
-"""Compressed directory -> the six ONNX files + export_report.json, each checked against PyTorch.
+"""Compressed directory -> the eight ONNX files + export_report.json, each checked against PyTorch.
 
-    dense.onnx / dense.int8.onnx / dense.fp16.onnx   the original model (the baseline)
-    model.onnx / model.int8.onnx / model.fp16.onnx   the compressed model (low-rank pairs)
+    dense.onnx / dense.int8.onnx / dense.fp16.onnx / dense.int8-fp16.onnx   the original model (the baseline)
+    model.onnx / model.int8.onnx / model.fp16.onnx / model.int8-fp16.onnx   the compressed model (low-rank pairs)
+
+*.int8.onnx keeps float32 outside the quantized MatMuls (what ONNX Runtime's CPU kernels
+take); *.int8-fp16.onnx is the same QDQ graph with float16 everywhere else, at opset >= 19
+(float16 Q/DQ scales), for TensorRT: a strongly typed engine runs its INT8 GEMMs with FP16
+elsewhere instead of FP32/TF32. It is written when both int8 and fp16 are on.
 
 Everything is built in a temporary folder inside ``out`` and moved into place with
 os.replace only when every parity check passed; on a parity failure only the report is
@@ -224,10 +229,13 @@ def export_compressed(compressed_dir, out_dir, options: ExportOptions | None = N
                 jobs.append((f"{stem}.int8.onnx", insert_qdq(proto, qspecs[stem]), "int8", ranges[stem]))
             if options.fp16:
                 jobs.append((f"{stem}.fp16.onnx", to_fp16(proto), "fp16", None))
+            if options.int8 and options.fp16:
+                jobs.append((f"{stem}.int8-fp16.onnx", int8_fp16(proto, qspecs[stem]), "int8", ranges[stem]))
             for fname, p, precision, r in jobs:
                 onnx.checker.check_model(p)
                 onnx.save(p, str(tmp / fname))
-                files[fname] = check_file(tmp / fname, m, precision, r, batches, options.threads)
+                files[fname] = check_file(tmp / fname, m, precision, r, batches, options.threads,
+                                          ort_kernels=not fname.endswith("-fp16.onnx"))
         report = build_report(manifest, models, options, calib, files)
         (tmp / "export_report.json").write_text(json.dumps(report, indent=2, default=_json_default))
         failed = [f for f, s in files.items() if not s["parity"]["passed"]]
@@ -244,8 +252,22 @@ def export_compressed(compressed_dir, out_dir, options: ExportOptions | None = N
     return report
 
 
-def check_file(path: Path, model, precision: str, ranges: dict | None, batches, threads: int) -> dict:
-    """Stats + parity of one written file; int8 files are compared with the fake-quant model."""
+def int8_fp16(proto, qspecs):
+    """The INT8 QDQ graph of an fp32 ``proto`` with float16 everywhere else, for TensorRT (opset >= 19)."""
+    import onnx
+
+    from .fp16 import QDQ_FP16_OPSET, graph_opset, to_fp16
+    from .qdq import insert_qdq
+
+    if graph_opset(proto) < QDQ_FP16_OPSET:
+        proto = onnx.version_converter.convert_version(proto, QDQ_FP16_OPSET)
+    return to_fp16(insert_qdq(proto, qspecs))
+
+
+def check_file(path: Path, model, precision: str, ranges: dict | None, batches, threads: int,
+               ort_kernels: bool = True) -> dict:
+    """Stats + parity of one written file; int8 files are compared with the fake-quant model (and,
+    with ``ort_kernels``, ONNX Runtime's own int8 kernels are reported beside the graph's meaning)."""
     from compress.quantize import apply_fake_quant_, remove_fake_quant_
 
     from .parity import TOLERANCES, check_parity, cpu_int8_saturates
@@ -257,7 +279,7 @@ def check_file(path: Path, model, precision: str, ranges: dict | None, batches, 
         apply_fake_quant_(model, ranges)
     try:
         parity = check_parity(path, model, batches, TOLERANCES[precision], reference, threads)
-        if ranges is not None:       # what ORT's own int8 kernels give on this CPU: reported, not gated
+        if ranges is not None and ort_kernels:   # what ORT's int8 kernels give on this CPU: reported, not gated
             kernels = check_parity(path, model, batches, TOLERANCES[precision], reference, threads,
                                    int8_kernels=True)
     finally:

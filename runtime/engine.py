@@ -2,11 +2,13 @@
 
     python -m runtime engine --onnx-dir runs/x/onnx --precision fp16 --out runs/x/engines
 
-Takes ``dense.<p>.onnx`` and ``model.<p>.onnx`` from the export stage (fp16: the FP16 files;
-int8: the QDQ files; fp32: ``dense.onnx``/``model.onnx``), builds one engine each with a
-dynamic-batch profile, and writes ``<out>/dense.<p>.engine``, ``<out>/model.<p>.engine`` and
-``<out>/engine_report.json`` (each atomically). The timing cache defaults to
-``<out>/timing.cache`` so a rebuild on the same GPU and TensorRT is fast.
+Takes the dense and the low-rank file of one precision from the export stage (fp16: the
+FP16 files; int8: the QDQ ``*.int8-fp16.onnx``, INT8 GEMMs with FP16 everywhere else, not the
+float32-elsewhere ``*.int8.onnx`` ONNX Runtime's CPU kernels take; fp32: ``dense.onnx``/
+``model.onnx``), builds one engine each with a dynamic-batch profile, and writes
+``<out>/dense.<p>.engine``, ``<out>/model.<p>.engine`` and ``<out>/engine_report.json``
+(each atomically; the names ``runtime bench --engine-dir`` looks up). The timing cache
+defaults to ``<out>/timing.cache`` so a rebuild on the same GPU and TensorRT is fast.
 
 Where TensorRT or a CUDA GPU is missing it prints one line and exits 3; it never writes a
 number it did not measure. Bad input (no such ONNX, bad batch range) exits 2.
@@ -42,14 +44,24 @@ EXIT_NO_TENSORRT = 3
 VARIANTS = ("dense", "model")   # dense baseline, low-rank model
 
 
+# The export stage's file TensorRT builds for each precision.
+ONNX_SUFFIX = {"fp32": ".onnx", "fp16": ".fp16.onnx", "int8": ".int8-fp16.onnx"}
+
+
 def onnx_name(variant: str, precision: str) -> str:
-    return f"{variant}.onnx" if precision == "fp32" else f"{variant}.{precision}.onnx"
+    return variant + ONNX_SUFFIX[precision]
+
+
+def engine_name(variant: str, precision: str) -> str:
+    """``dense.int8.engine`` ...: what ``runtime bench --engine-dir`` looks up for the variant."""
+    return f"{variant}.engine" if precision == "fp32" else f"{variant}.{precision}.engine"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--onnx-dir", type=Path, required=True, help="export stage output (dense.*.onnx, model.*.onnx)")
     p.add_argument("--precision", choices=("fp16", "int8", "fp32"), default="fp16",
-                   help="fp16: *.fp16.onnx; int8: the QDQ *.int8.onnx; fp32: the plain files (default fp16)")
+                   help="fp16: *.fp16.onnx; int8: the QDQ *.int8-fp16.onnx (INT8 GEMMs, FP16 elsewhere); "
+                        "fp32: the plain files (default fp16)")
     p.add_argument("--out", type=Path, required=True, help="directory for the engines and engine_report.json")
     p.add_argument("--min-batch", type=int, default=1)
     p.add_argument("--opt-batch", type=int, default=8)
@@ -64,6 +76,10 @@ def _inputs(args) -> dict[str, Path]:
         raise RuntimeStageError(f"no ONNX directory {args.onnx_dir} (run `make export` first)")
     files = {v: args.onnx_dir / onnx_name(v, args.precision) for v in VARIANTS}
     missing = [f.name for f in files.values() if not f.is_file()]
+    if missing and args.precision == "int8" and all((args.onnx_dir / f"{v}.int8.onnx").is_file() for v in VARIANTS):
+        raise RuntimeStageError(f"{args.onnx_dir} has no {', '.join(missing)}, the TensorRT INT8 files (FP16 "
+                                f"outside the INT8 GEMMs); its *.int8.onnx keep FP32 there: re-run export "
+                                f"with int8 and fp16 on")
     if missing:
         raise RuntimeStageError(f"{args.onnx_dir} has no {', '.join(missing)} (run `make export` first)")
     if not 1 <= args.min_batch <= args.opt_batch <= args.max_batch:
@@ -98,7 +114,7 @@ def build_all(args, files: dict[str, Path]) -> dict:
     cache = args.timing_cache or args.out / "timing.cache"
     engines = {}
     for variant, onnx_path in files.items():
-        engine_path = args.out / f"{onnx_path.name[:-len('.onnx')]}.engine"
+        engine_path = args.out / engine_name(variant, args.precision)
         log.info("building %s -> %s", onnx_path, engine_path)
         engines[variant] = build_engine(onnx_path, engine_path, precision=args.precision,
                                         min_batch=args.min_batch, opt_batch=args.opt_batch,

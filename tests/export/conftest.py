@@ -45,11 +45,11 @@ def tiny(cifar_batches):
 
 @pytest.fixture(scope="session")
 def tiny_onnx(tiny, tmp_path_factory):
-    """The six files of the tiny pair, written once: {"model.onnx": path, ...}."""
+    """The eight files of the tiny pair, written once: {"model.onnx": path, ...}."""
     import onnx
 
     from export.fp16 import to_fp16
-    from export.pipeline import export_variant, quantized_linears
+    from export.pipeline import export_variant, int8_fp16, quantized_linears
     from export.qdq import insert_qdq
 
     out = tmp_path_factory.mktemp("tiny_onnx")
@@ -57,9 +57,11 @@ def tiny_onnx(tiny, tmp_path_factory):
     for stem, r in (("dense", tiny["dense_ranges"]), ("model", tiny["ranges"])):
         m = tiny[stem]
         proto = export_variant(m, (3, 32, 32), 17, expect_pairs=stem == "model")
+        qspecs = quantized_linears(m, r)
         for name, p in ((f"{stem}.onnx", proto),
-                        (f"{stem}.int8.onnx", insert_qdq(proto, quantized_linears(m, r))),
-                        (f"{stem}.fp16.onnx", to_fp16(proto))):
+                        (f"{stem}.int8.onnx", insert_qdq(proto, qspecs)),
+                        (f"{stem}.fp16.onnx", to_fp16(proto)),
+                        (f"{stem}.int8-fp16.onnx", int8_fp16(proto, qspecs))):
             onnx.save(p, str(out / name))
             paths[name] = out / name
     return paths

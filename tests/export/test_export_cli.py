@@ -39,27 +39,33 @@ def _error_line(err: str) -> str:
     return lines[0]
 
 
-def test_cli_writes_six_checked_files_and_a_report(compressed_dir, tmp_path, capsys):
+def test_cli_writes_eight_checked_files_and_a_report(compressed_dir, tmp_path, capsys):
     out = tmp_path / "onnx"
     rc, stdout, err = _run(capsys, "--compressed", compressed_dir, "--out", out, "--num-parity", 8)
     assert rc == 0, err
-    names = ["dense.onnx", "dense.int8.onnx", "dense.fp16.onnx", "model.onnx", "model.int8.onnx", "model.fp16.onnx"]
+    names = [f"{stem}{suffix}" for stem in ("dense", "model")
+             for suffix in (".onnx", ".int8.onnx", ".fp16.onnx", ".int8-fp16.onnx")]
     assert sorted(p.name for p in out.iterdir()) == sorted(names + ["export_report.json"])  # no temp left
     report = json.loads((out / "export_report.json").read_text())
     assert report["passed"] and report["opset"] == 17 and set(report["files"]) == set(names)
     for name in names:
         f = report["files"][name]
-        assert f["bytes"] == (out / name).stat().st_size and f["opset"] == 17
+        assert f["bytes"] == (out / name).stat().st_size and f["opset"] == (19 if "int8-fp16" in name else 17)
         assert f["parity"]["passed"] and f["parity"]["images"] == 8
         assert f["lowrank_pairs"] == (7 if name.startswith("model") else 0)
-        assert (f["qdq"]["int8_weights"] > 0) == (".int8." in name)
-        # ORT's own fused int8 kernels are measured too (exact or not depends on the CPU)
+        assert (f["qdq"]["int8_weights"] > 0) == (".int8" in name)
+        assert f["precision"] == ("int8" if ".int8" in name else name.split(".")[-2] if ".fp16" in name else "fp32")
+        # ORT's own fused int8 kernels are measured too (exact or not depends on the CPU); not for the
+        # TensorRT file, which ORT's CPU int8 kernels are not meant to run
         assert ("ort_int8_kernels" in f) == (".int8." in name)
         if ".int8." in name:
             k = f["ort_int8_kernels"]
             assert k["images"] == 8 and k["max_abs"] >= 0 and isinstance(k["cpu_saturates"], bool)
     assert report["files"]["model.int8.onnx"]["qdq"]["int8_weights"] == 2 * 7 + 2  # pairs + dense proj + head
     assert report["files"]["model.int8.onnx"]["initializer_bytes"]["int8"] > 0
+    trt, ort_int8 = report["files"]["model.int8-fp16.onnx"], report["files"]["model.int8.onnx"]
+    assert trt["qdq"] == ort_int8["qdq"] and trt["initializer_bytes"]["int8"] == ort_int8["initializer_bytes"]["int8"]
+    assert trt["initializer_bytes"]["float16"] > trt["initializer_bytes"].get("float32", 0)  # LayerNorm only
     assert report["params"]["model"] < report["params"]["dense"]
     assert report["dense_is_compressed_origin"] is True  # dense rebuilt from the manifest's checkpoint
     assert {"torch", "onnx", "onnxruntime", "polygraphy"} <= set(report["versions"])

@@ -64,10 +64,11 @@ def _linear_onnx(path: Path, precision: str = "fp32", input_name: str = "input",
 
 
 def _export_dir(root: Path, precision: str) -> Path:
+    """The two files `runtime engine --precision <precision>` builds (int8: *.int8-fp16.onnx)."""
+    from runtime.engine import onnx_name
     root.mkdir(parents=True, exist_ok=True)
     for i, variant in enumerate(("dense", "model")):
-        name = f"{variant}.onnx" if precision == "fp32" else f"{variant}.{precision}.onnx"
-        _linear_onnx(root / name, precision, seed=i)
+        _linear_onnx(root / onnx_name(variant, precision), precision, seed=i)
     return root
 
 
@@ -171,8 +172,28 @@ def test_engine_cli_bad_input_is_exit_2(tmp_path, capsys):
     onnx_dir = _export_dir(tmp_path / "onnx", "fp16")
     assert engine.main(_engine_args(onnx_dir, tmp_path / "e", "--precision", "int8")) == 2
     err = capsys.readouterr().err
-    assert "dense.int8.onnx" in err and len(err.strip().splitlines()) == 1
+    assert "dense.int8-fp16.onnx" in err and len(err.strip().splitlines()) == 1
     assert engine.main(_engine_args(onnx_dir, tmp_path / "e", "--min-batch", "8", "--opt-batch", "4")) == 2
+
+
+def test_engine_int8_takes_the_fp16_elsewhere_file(tmp_path, capsys):
+    """--precision int8 builds *.int8-fp16.onnx into the benchmark's *.int8.engine names; an export
+    that has only the float32-elsewhere *.int8.onnx is told what is missing and why."""
+    from runtime import engine
+    assert [engine.onnx_name("model", p) for p in ("fp32", "fp16", "int8")] == \
+        ["model.onnx", "model.fp16.onnx", "model.int8-fp16.onnx"]
+    assert [engine.engine_name("dense", p) for p in ("fp32", "fp16", "int8")] == \
+        ["dense.engine", "dense.fp16.engine", "dense.int8.engine"]
+    onnx_dir = tmp_path / "onnx"
+    onnx_dir.mkdir()
+    for v in ("dense", "model"):
+        _linear_onnx(onnx_dir / f"{v}.int8.onnx", "int8")
+    assert engine.main(_engine_args(onnx_dir, tmp_path / "e", "--precision", "int8")) == 2
+    err = capsys.readouterr().err.strip()
+    assert "dense.int8-fp16.onnx, model.int8-fp16.onnx" in err and "FP32" in err and "\n" not in err
+    args = _engine_args(_export_dir(tmp_path / "both", "int8"), tmp_path / "e", "--precision", "int8")
+    assert set(engine._inputs(args).values()) == {tmp_path / "both" / "dense.int8-fp16.onnx",
+                                                   tmp_path / "both" / "model.int8-fp16.onnx"}
 
 
 # ---------------------------------------------------------------- where TensorRT is installed
