@@ -5,10 +5,15 @@
 Takes the dense and the low-rank file of one precision from the export stage (fp16: the
 FP16 files; int8: the QDQ ``*.int8-fp16.onnx``, INT8 GEMMs with FP16 everywhere else, not the
 float32-elsewhere ``*.int8.onnx`` ONNX Runtime's CPU kernels take; fp32: ``dense.onnx``/
-``model.onnx``), builds one engine each with a dynamic-batch profile, and writes
+``model.onnx``), builds one engine each, and writes
 ``<out>/dense.<p>.engine``, ``<out>/model.<p>.engine`` and ``<out>/engine_report.json``
 (each atomically; the names ``runtime bench --engine-dir`` looks up). The timing cache
 defaults to ``<out>/timing.cache`` so a rebuild on the same GPU and TensorRT is fast.
+
+Each engine gets one optimization profile per ``--opt-batch`` (default 1,8,32, the benchmark's
+batches), each spanning ``--min-batch``..``--max-batch``: TensorRT picks kernels for a
+profile's opt shape, and the backend runs every batch on the profile tuned for it, so the
+batch-1 latency is batch-1 kernels'. The report lists the profiles.
 
 Where TensorRT or a CUDA GPU is missing it prints one line and exits 3; it never writes a
 number it did not measure. Bad input (no such ONNX, bad batch range) exits 2.
@@ -36,6 +41,7 @@ import logging
 import sys
 from pathlib import Path
 
+from runtime.backends.trt import DEFAULT_OPT_BATCHES
 from runtime.errors import RuntimeStageError
 
 log = logging.getLogger(__name__)
@@ -57,6 +63,16 @@ def engine_name(variant: str, precision: str) -> str:
     return f"{variant}.engine" if precision == "fp32" else f"{variant}.{precision}.engine"
 
 
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(sorted({int(t) for t in text.split(",") if t.strip()}))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+    return values
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--onnx-dir", type=Path, required=True, help="export stage output (dense.*.onnx, model.*.onnx)")
     p.add_argument("--precision", choices=("fp16", "int8", "fp32"), default="fp16",
@@ -64,7 +80,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "fp32: the plain files (default fp16)")
     p.add_argument("--out", type=Path, required=True, help="directory for the engines and engine_report.json")
     p.add_argument("--min-batch", type=int, default=1)
-    p.add_argument("--opt-batch", type=int, default=8)
+    p.add_argument("--opt-batch", "--opt-batches", dest="opt_batches", type=_int_list, default=DEFAULT_OPT_BATCHES,
+                   help="comma-separated: one optimization profile tuned for each (default 1,8,32)")
     p.add_argument("--max-batch", type=int, default=32)
     p.add_argument("--workspace-mb", type=int, default=1024, help="builder workspace limit (MiB)")
     p.add_argument("--timing-cache", type=Path, default=None, help="timing cache file (default <out>/timing.cache)")
@@ -82,23 +99,19 @@ def _inputs(args) -> dict[str, Path]:
                                 f"with int8 and fp16 on")
     if missing:
         raise RuntimeStageError(f"{args.onnx_dir} has no {', '.join(missing)} (run `make export` first)")
-    if not 1 <= args.min_batch <= args.opt_batch <= args.max_batch:
-        raise RuntimeStageError(f"need 1 <= --min-batch <= --opt-batch <= --max-batch, got "
-                                f"{args.min_batch}/{args.opt_batch}/{args.max_batch}")
+    if not 1 <= args.min_batch <= min(args.opt_batches) <= max(args.opt_batches) <= args.max_batch:
+        raise RuntimeStageError(f"need 1 <= --min-batch <= every --opt-batch <= --max-batch, got "
+                                f"{args.min_batch}/{','.join(map(str, args.opt_batches))}/{args.max_batch}")
     if args.workspace_mb <= 0:
         raise RuntimeStageError(f"--workspace-mb must be positive, got {args.workspace_mb}")
     return files
 
 
-def machine(trt) -> dict:
+def machine(trt, cuda) -> dict:
     """The machine (runtime.machine) plus the CUDA device and TensorRT the engines were built with."""
-    import torch
-
     from runtime.machine import machine_info
-    props = torch.cuda.get_device_properties(0)
-    return {**machine_info(), "tensorrt": trt.__version__, "torch_cuda": torch.version.cuda,
-            "cuda_device": {"name": props.name, "compute_capability": f"{props.major}.{props.minor}",
-                            "memory_bytes": int(props.total_memory)}}
+    return {**machine_info(), "tensorrt": trt.__version__, "cuda_runtime": cuda.runtime_version(),
+            "cuda_device": cuda.device_properties(0)}
 
 
 def _ratio(a, b):
@@ -110,22 +123,25 @@ def build_all(args, files: dict[str, Path]) -> dict:
     from runtime.backends.trt import build_engine, require_cuda, require_tensorrt
     from runtime.report import atomic_write_bytes as write_atomic
     trt = require_tensorrt()
-    require_cuda()
+    cuda = require_cuda()
     cache = args.timing_cache or args.out / "timing.cache"
     engines = {}
     for variant, onnx_path in files.items():
         engine_path = args.out / engine_name(variant, args.precision)
         log.info("building %s -> %s", onnx_path, engine_path)
         engines[variant] = build_engine(onnx_path, engine_path, precision=args.precision,
-                                        min_batch=args.min_batch, opt_batch=args.opt_batch,
+                                        min_batch=args.min_batch, opt_batches=args.opt_batches,
                                         max_batch=args.max_batch, workspace_mb=args.workspace_mb,
                                         timing_cache_path=cache, verbose=args.verbose)
     dense, model = engines["dense"], engines["model"]
     report = {
         "precision": args.precision,
-        "profile": {"min_batch": args.min_batch, "opt_batch": args.opt_batch, "max_batch": args.max_batch},
+        "profiles": {"min_batch": args.min_batch, "opt_batches": list(args.opt_batches),
+                     "max_batch": args.max_batch,
+                     "note": "one optimization profile per opt batch, each over min..max; a batch runs on the "
+                             "profile tuned for it"},
         "workspace_mb": args.workspace_mb,
-        "machine": machine(trt),
+        "machine": machine(trt, cuda),
         "engines": engines,
         "ratios_model_over_dense": {
             key: _ratio(model.get(key), dense.get(key))

@@ -1,14 +1,20 @@
 """TensorRT backend: build an engine from the export stage's ONNX, load it, run it, read its memory.
 
 Precision comes from the ONNX file, never from builder flags: the network is strongly
-typed, so ``*.fp16.onnx`` gives an FP16 engine and the QDQ ``*.int8.onnx`` an explicitly
-quantized INT8 one. TensorRT 11 removed the FP16/INT8 builder flags and is always strongly
-typed; TensorRT 10 gets the STRONGLY_TYPED network flag, under which those flags are
-forbidden too, so both versions build the same way. The batch axis is dynamic through one
-optimization profile (min/opt/max) on the ONNX input "input" (N,3,H,W).
+typed, so ``*.fp16.onnx`` gives an FP16 engine and the QDQ ``*.int8-fp16.onnx`` an explicitly
+quantized INT8 one with FP16 elsewhere. TensorRT 11 removed the FP16/INT8 builder flags and
+is always strongly typed; TensorRT 10 gets the STRONGLY_TYPED network flag, under which
+those flags are forbidden too, so both versions build the same way.
 
-``tensorrt`` is imported inside functions only; this module imports on any machine.
-Device buffers, the stream and the CUDA events are torch's (no pycuda).
+The batch axis of the ONNX input "input" (N,3,H,W) is dynamic: the engine gets one
+optimization profile per opt batch (default 1, 8 and 32, the benchmark's batches), each
+spanning the whole min..max range. TensorRT picks kernels for a profile's opt shape, so a
+batch is run on the profile whose opt is that batch (else the smallest opt above it):
+batch-1 latency is measured on batch-1 kernels, not on the kernels of another batch.
+
+``tensorrt`` and cuda-python are imported inside functions only; this module imports on any
+machine. Device buffers, the stream and the CUDA events are cuda-python's (runtime.backends.
+trt_cuda), not torch's, so it runs where JetPack's TensorRT does and torch has no CUDA.
 """
 from __future__ import annotations
 
@@ -20,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from runtime.backends.base import INPUT_NAME, OUTPUT_NAME, Backend
+from runtime.backends.trt_cuda import DeviceBuffer, handle
 from runtime.errors import RuntimeStageError
 from runtime.report import atomic_write_bytes as write_atomic
 
@@ -46,12 +53,20 @@ def require_tensorrt():
     return trt
 
 
-def require_cuda() -> None:
-    """Raise TensorRTUnavailable with one line unless torch sees a CUDA GPU."""
-    import torch
-    if not torch.cuda.is_available():
-        raise TensorRTUnavailable("no CUDA GPU visible (torch.cuda.is_available() is False) "
-                                  "— `make engine` needs TensorRT and a CUDA GPU")
+def require_cuda():
+    """A checked CUDA runtime (runtime.backends.trt_cuda.Cuda) with a GPU, or TensorRTUnavailable (one line)."""
+    from runtime.backends.trt_cuda import Cuda, CudaError
+    try:
+        cuda = Cuda()
+        count = cuda.device_count()
+    except ImportError as e:
+        raise TensorRTUnavailable(str(e)) from None
+    except CudaError as e:
+        raise TensorRTUnavailable(f"no CUDA GPU visible ({e}) — `make engine` needs TensorRT and a CUDA GPU") from None
+    if count < 1:
+        raise TensorRTUnavailable("no CUDA GPU visible (cudaGetDeviceCount is 0) — `make engine` needs TensorRT "
+                                  "and a CUDA GPU")
+    return cuda
 
 
 def trt_major(trt) -> int:
@@ -149,16 +164,51 @@ def parse_network(onnx_path: Path, *, verbose: bool = False):
     return trt, logger, builder, network, parser
 
 
-def _check_batches(min_batch: int, opt_batch: int, max_batch: int) -> None:
-    if not 1 <= min_batch <= opt_batch <= max_batch:
-        raise RuntimeStageError(f"need 1 <= min-batch <= opt-batch <= max-batch, "
-                                f"got {min_batch}/{opt_batch}/{max_batch}")
+DEFAULT_OPT_BATCHES = (1, 8, 32)   # the benchmark's default batch sizes
 
 
-def build_serialized(onnx_path, *, precision: str | None = None, min_batch: int = 1, opt_batch: int = 8,
-                     max_batch: int = 32, workspace_mb: int = 1024, timing_cache_path=None,
-                     verbose: bool = False) -> tuple[bytes, dict]:
+def opt_batch_list(value) -> tuple[int, ...]:
+    """Opt batches from an int, a sequence or a "1,8,32" string (bench --option passes strings)."""
+    if isinstance(value, str):
+        try:
+            value = [int(t) for t in value.split(",") if t.strip()]
+        except ValueError:
+            raise RuntimeStageError(f"opt batches must be integers, got {value!r}") from None
+    elif isinstance(value, int):
+        value = [value]
+    out = tuple(sorted({int(b) for b in value}))
+    if not out:
+        raise RuntimeStageError("need at least one opt batch")
+    return out
+
+
+def batch_profiles(min_batch: int, opt_batches, max_batch: int) -> list[tuple[int, int, int]]:
+    """(min, opt, max) batch of each optimization profile: one per opt batch, each over min..max."""
+    opts = opt_batch_list(opt_batches)
+    if not 1 <= min_batch <= opts[0] or opts[-1] > max_batch:
+        raise RuntimeStageError(f"need 1 <= min-batch <= every opt batch <= max-batch, "
+                                f"got {min_batch}/{','.join(map(str, opts))}/{max_batch}")
+    return [(min_batch, b, max_batch) for b in opts]
+
+
+def pick_profile(profiles, batch: int) -> int:
+    """Index of the profile for ``batch``: among those whose range holds it, the one tuned for it
+    (opt == batch), else the smallest opt above it, else the largest opt below it."""
+    fits = [(i, p) for i, p in enumerate(profiles) if p[0] <= batch <= p[2]]
+    if not fits:
+        ranges = ", ".join(f"{p[0]}..{p[2]}" for p in profiles)
+        raise RuntimeStageError(f"batch {batch} is outside the engine's profiles ({ranges}); "
+                                f"rebuild with --max-batch {batch}")
+    above = [(p[1], i) for i, p in fits if p[1] >= batch]
+    return min(above)[1] if above else max((p[1], i) for i, p in fits)[1]
+
+
+def build_serialized(onnx_path, *, precision: str | None = None, min_batch: int = 1,
+                     opt_batches=DEFAULT_OPT_BATCHES, max_batch: int = 32, workspace_mb: int = 1024,
+                     timing_cache_path=None, verbose: bool = False) -> tuple[bytes, dict]:
     """Build a serialized engine from ``onnx_path`` in memory. Returns (engine bytes, build info).
+
+    One optimization profile per opt batch (``batch_profiles``); info["profiles"] lists them.
 
     ``precision`` must agree with the file (``runtime.memory.inspect_onnx``: quantization
     ops = int8, mostly float16 weights = fp16); None takes the file's. The timing cache at
@@ -171,7 +221,7 @@ def build_serialized(onnx_path, *, precision: str | None = None, min_batch: int 
     if precision is not None and precision != found:
         raise RuntimeStageError(f"{onnx_path.name} is a {found} graph, not {precision}: strongly typed "
                                 f"TensorRT takes precision from the ONNX (use the *.{precision}.onnx file)")
-    _check_batches(min_batch, opt_batch, max_batch)
+    profiles = batch_profiles(min_batch, opt_batches, max_batch)
     if workspace_mb <= 0:
         raise RuntimeStageError(f"workspace must be positive, got {workspace_mb} MB")
     name, chw = onnx_input_spec(onnx_path)
@@ -180,10 +230,7 @@ def build_serialized(onnx_path, *, precision: str | None = None, min_batch: int 
 
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_mb) << 20)
-    profile = builder.create_optimization_profile()
-    shapes = [(b, *chw) for b in (min_batch, opt_batch, max_batch)]
-    profile.set_shape(name, *shapes)
-    config.add_optimization_profile(profile)
+    add_profiles(builder, config, name, chw, profiles)
 
     cache_path = Path(timing_cache_path) if timing_cache_path else None
     cache_bytes = cache_path.read_bytes() if cache_path and cache_path.is_file() else b""
@@ -211,7 +258,8 @@ def build_serialized(onnx_path, *, precision: str | None = None, min_batch: int 
         "precision": found,
         "tensorrt": trt.__version__,
         "strongly_typed": True,
-        "input": {"name": name, "min": list(shapes[0]), "opt": list(shapes[1]), "max": list(shapes[2])},
+        "input": name,
+        "profiles": profile_info(profiles, chw),
         "workspace_bytes": int(workspace_mb) << 20,
         "timing_cache": str(cache_path) if cache_path else None,
         "timing_cache_reused": cache_reused,
@@ -229,17 +277,33 @@ def build_serialized(onnx_path, *, precision: str | None = None, min_batch: int 
         raise RuntimeStageError(f"TensorRT built {onnx_path.name} but cannot load the engine: "
                                 f"{_last_error(logger, 'deserialize_cuda_engine returned None')}")
     info.update(engine_memory(trt, engine))
-    info["activation_bytes_by_batch"] = activation_bytes(trt, engine, [s[0] for s in shapes], chw)
+    info["activation_bytes_by_batch"] = activation_bytes(
+        trt, engine, sorted({b for p in profiles for b in p}), chw)
     return data, info
 
 
-def build_engine(onnx_path, engine_path, *, precision: str = "fp16", min_batch: int = 1, opt_batch: int = 8,
-                 max_batch: int = 32, workspace_mb: int = 1024, timing_cache_path=None,
-                 verbose: bool = False) -> dict:
+def add_profiles(builder, config, name: str, chw, profiles) -> None:
+    """One optimization profile per (min, opt, max) batch on input ``name``, in order (index = position)."""
+    for lo, opt, hi in profiles:
+        profile = builder.create_optimization_profile()
+        profile.set_shape(name, (lo, *chw), (opt, *chw), (hi, *chw))
+        if config.add_optimization_profile(profile) < 0:
+            raise RuntimeStageError(f"TensorRT refused the optimization profile {lo}/{opt}/{hi}")
+
+
+def profile_info(profiles, chw) -> list[dict]:
+    """The profiles as the engine report lists them: index and min/opt/max input shapes."""
+    return [{"index": i, "min": [lo, *chw], "opt": [opt, *chw], "max": [hi, *chw]}
+            for i, (lo, opt, hi) in enumerate(profiles)]
+
+
+def build_engine(onnx_path, engine_path, *, precision: str = "fp16", min_batch: int = 1,
+                 opt_batches=DEFAULT_OPT_BATCHES, max_batch: int = 32, workspace_mb: int = 1024,
+                 timing_cache_path=None, verbose: bool = False) -> dict:
     """Build ``onnx_path`` into an engine file at ``engine_path`` (written atomically); return build info."""
     if precision not in PRECISIONS:
         raise RuntimeStageError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    data, info = build_serialized(onnx_path, precision=precision, min_batch=min_batch, opt_batch=opt_batch,
+    data, info = build_serialized(onnx_path, precision=precision, min_batch=min_batch, opt_batches=opt_batches,
                                   max_batch=max_batch, workspace_mb=workspace_mb,
                                   timing_cache_path=timing_cache_path, verbose=verbose)
     write_atomic(Path(engine_path), data)
@@ -281,16 +345,16 @@ def activation_bytes(trt, engine, batches, chw) -> dict[str, int] | None:
     return out
 
 
-_TORCH_DTYPES = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT8": "int8",
-                 "INT32": "int32", "INT64": "int64", "BOOL": "bool", "UINT8": "uint8"}
+_NP_DTYPES = {"FLOAT": np.float32, "HALF": np.float16, "INT8": np.int8, "INT32": np.int32,
+              "INT64": np.int64, "BOOL": np.bool_, "UINT8": np.uint8}
 
 
-def _torch_dtype(trt_dtype):
-    import torch
+def numpy_dtype(trt_dtype) -> np.dtype:
+    """numpy dtype of a TensorRT tensor type (bfloat16/fp8/int4 I/O tensors have none)."""
     name = getattr(trt_dtype, "name", str(trt_dtype).rsplit(".", 1)[-1])
-    if name not in _TORCH_DTYPES:
+    if name not in _NP_DTYPES:
         raise RuntimeStageError(f"engine tensor type {name} is not supported by this backend")
-    return getattr(torch, _TORCH_DTYPES[name])
+    return np.dtype(_NP_DTYPES[name])
 
 
 def _read_report_entry(engine_path: Path) -> dict:
@@ -311,26 +375,28 @@ class TrtBackend(Backend):
     """A TensorRT engine on one GPU, run with name-based tensor I/O on a private CUDA stream.
 
     ``path`` is a serialized engine (``.engine``/``.plan``) or an ONNX file, which is then
-    built in memory with the given profile. ``time_runs``/``timed_run`` time the engine with
-    CUDA events around ``execute_async_v3`` (GPU time; the input already on the device, host
-    copies excluded); ``run`` is the full host-to-host call.
+    built in memory with one profile per opt batch. Each batch runs on its own profile
+    (``pick_profile``), through one execution context per profile (a profile serves one
+    context at a time). ``time_runs``/``timed_run`` time the engine with CUDA events around
+    ``execute_async_v3`` (GPU time; the input already on the device, host copies excluded);
+    ``run`` is the full host-to-host call. ``cuda`` (a trt_cuda.Cuda) is for tests.
     """
 
     def __init__(self, path, kind: str = "trt", *, device: int = 0, precision: str | None = None,
-                 onnx_path=None, min_batch: int = 1, opt_batch: int = 8, max_batch: int = 32,
-                 workspace_mb: int = 1024, timing_cache_path=None, verbose: bool = False):
-        import torch
+                 onnx_path=None, min_batch: int = 1, opt_batches=DEFAULT_OPT_BATCHES, max_batch: int = 32,
+                 workspace_mb: int = 1024, timing_cache_path=None, verbose: bool = False, cuda=None):
         if precision is not None and precision not in PRECISIONS:
             raise RuntimeStageError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         trt = require_tensorrt()
-        require_cuda()
-        self.name, self.path = kind, Path(path)
-        self.device = torch.device("cuda", device)
+        self._cuda = cuda or require_cuda()
+        self.name, self.path, self.device = kind, Path(path), int(device)
+        self._cuda.set_device(self.device)
         self.build_info: dict = {}
         if self.path.suffix == ".onnx":
             data, self.build_info = build_serialized(
-                self.path, precision=precision, min_batch=min_batch, opt_batch=opt_batch, max_batch=max_batch,
-                workspace_mb=workspace_mb, timing_cache_path=timing_cache_path, verbose=verbose)
+                self.path, precision=precision, min_batch=min_batch, opt_batches=opt_batch_list(opt_batches),
+                max_batch=max_batch, workspace_mb=workspace_mb, timing_cache_path=timing_cache_path,
+                verbose=verbose)
             onnx_path = self.path
         else:
             data = self.path.read_bytes()
@@ -341,25 +407,28 @@ class TrtBackend(Backend):
         self.file_bytes = len(data)
 
         self._trt = trt
-        with torch.cuda.device(self.device):
-            self._logger = _make_logger(trt, verbose)
-            self._runtime = trt.Runtime(self._logger)
-            self._engine = self._runtime.deserialize_cuda_engine(data)
-            if self._engine is None:
-                raise RuntimeStageError(f"cannot load TensorRT engine {self.path.name}: "
-                                        f"{_last_error(self._logger, 'built by another TensorRT version or GPU?')}")
-            self._context = self._engine.create_execution_context()
-            self._stream = torch.cuda.Stream(self.device)
+        self._logger = _make_logger(trt, verbose)
+        self._runtime = trt.Runtime(self._logger)
+        self._engine = self._runtime.deserialize_cuda_engine(data)
+        if self._engine is None:
+            raise RuntimeStageError(f"cannot load TensorRT engine {self.path.name}: "
+                                    f"{_last_error(self._logger, 'built by another TensorRT version or GPU?')}")
         names = [self._engine.get_tensor_name(i) for i in range(self._engine.num_io_tensors)]
         self._outputs = [n for n in names if self._engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
         inputs = [n for n in names if self._engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         if inputs != [INPUT_NAME] or OUTPUT_NAME not in self._outputs:
             raise RuntimeStageError(f"{self.path.name}: expected input {INPUT_NAME!r} and output {OUTPUT_NAME!r}, "
                                     f"got inputs {inputs} and outputs {self._outputs}")
-        self._dtypes = {n: _torch_dtype(self._engine.get_tensor_dtype(n)) for n in names}
-        lo, _, hi = self._engine.get_tensor_profile_shape(INPUT_NAME, 0)
-        self.batch_range = (int(lo[0]), int(hi[0]))
-        self._batches: set[int] = set()
+        self._dtypes = {n: numpy_dtype(self._engine.get_tensor_dtype(n)) for n in names}
+        self.profiles = []
+        for i in range(self._engine.num_optimization_profiles):
+            lo, opt, hi = self._engine.get_tensor_profile_shape(INPUT_NAME, i)
+            self.profiles.append((int(lo[0]), int(opt[0]), int(hi[0])))
+        self.batch_range = (min(p[0] for p in self.profiles), max(p[2] for p in self.profiles))
+        self._stream = self._cuda.stream_create()
+        self._contexts: dict[int, object] = {}
+        self._buffers = {n: DeviceBuffer(self._cuda) for n in names}
+        self._batches: dict[int, int] = {}   # batch run so far -> opt batch of the profile it ran on
 
     @classmethod
     def unavailable_reason(cls, kind: str) -> str | None:
@@ -376,66 +445,85 @@ class TrtBackend(Backend):
 
     # -- execution
 
-    def _stage(self, x: np.ndarray):
-        """Copy a host batch to the device, set shapes and addresses; return (input, outputs)."""
-        import torch
-        n = x.shape[0]
-        if not self.batch_range[0] <= n <= self.batch_range[1]:
-            raise RuntimeStageError(f"batch {n} is outside the engine's profile {self.batch_range[0]}.."
-                                    f"{self.batch_range[1]}; rebuild with --max-batch {n}")
-        with torch.cuda.stream(self._stream):
-            x_dev = torch.from_numpy(np.ascontiguousarray(x)).to(self.device).to(self._dtypes[INPUT_NAME])
-            if not self._context.set_input_shape(INPUT_NAME, tuple(x_dev.shape)):
-                raise RuntimeStageError(f"engine {self.path.name} rejects input shape {tuple(x_dev.shape)}")
-            self._context.set_tensor_address(INPUT_NAME, x_dev.data_ptr())
-            outputs = {}
-            for name in self._outputs:
-                shape = tuple(self._context.get_tensor_shape(name))
-                outputs[name] = torch.empty(shape, dtype=self._dtypes[name], device=self.device)
-                self._context.set_tensor_address(name, outputs[name].data_ptr())
-        self._batches.add(n)
-        return x_dev, outputs
+    def _context(self, index: int):
+        """The execution context bound to profile ``index`` (made on first use)."""
+        if index not in self._contexts:
+            context = self._engine.create_execution_context()
+            if context is None:
+                raise RuntimeStageError(f"TensorRT cannot create an execution context for {self.path.name}: "
+                                        f"{_last_error(self._logger, 'out of device memory?')}")
+            if not context.set_optimization_profile_async(index, handle(self._stream)):
+                raise RuntimeStageError(f"engine {self.path.name} refuses optimization profile {index}")
+            self._contexts[index] = context
+        return self._contexts[index]
 
-    def _execute(self) -> None:
-        if not self._context.execute_async_v3(self._stream.cuda_stream):
+    def _stage(self, x: np.ndarray):
+        """Copy a host batch to the device on the batch's profile; return (context, host output)."""
+        n = x.shape[0]
+        index = pick_profile(self.profiles, n)
+        context = self._context(index)
+        x = np.ascontiguousarray(x, dtype=self._dtypes[INPUT_NAME])
+        if not context.set_input_shape(INPUT_NAME, tuple(x.shape)):
+            raise RuntimeStageError(f"engine {self.path.name} rejects input shape {tuple(x.shape)}")
+        stream = handle(self._stream)
+        ptr = self._buffers[INPUT_NAME].ensure(x.nbytes)
+        self._cuda.copy_htod(ptr, x, stream)
+        context.set_tensor_address(INPUT_NAME, ptr)
+        host = None
+        for name in self._outputs:
+            shape = tuple(int(d) for d in context.get_tensor_shape(name))
+            out = np.empty(shape, dtype=self._dtypes[name])
+            context.set_tensor_address(name, self._buffers[name].ensure(out.nbytes))
+            if name == OUTPUT_NAME:
+                host = out
+        self._batches[n] = self.profiles[index][1]
+        self._x_alive = x   # the async copy reads it until the stream is synchronized
+        return context, host
+
+    def _execute(self, context) -> None:
+        if not context.execute_async_v3(handle(self._stream)):
             raise RuntimeError(f"execute_async_v3 failed: {_last_error(self._logger, 'no TensorRT error logged')}")
 
-    def _fetch(self, outputs) -> np.ndarray:
-        self._stream.synchronize()
-        return outputs[OUTPUT_NAME].float().cpu().numpy()
+    def _fetch(self, host: np.ndarray) -> np.ndarray:
+        self._cuda.copy_dtoh(host, self._buffers[OUTPUT_NAME].ptr, handle(self._stream))
+        self._cuda.stream_synchronize(self._stream)
+        return host.astype(np.float32, copy=False)
 
     def run(self, x: np.ndarray) -> np.ndarray:
-        """Logits for ``x``; a batch above the profile's maximum is run in chunks."""
+        """Logits for ``x``; a batch above the profiles' maximum is run in chunks."""
         hi = self.batch_range[1]
         if x.shape[0] > hi:
             return np.concatenate([self.run(x[i:i + hi]) for i in range(0, x.shape[0], hi)])
-        x_dev, outputs = self._stage(x)   # x_dev must outlive the execution
-        self._execute()
-        return self._fetch(outputs)
+        context, host = self._stage(x)
+        self._execute(context)
+        return self._fetch(host)
+
+    def _timed(self, context, n: int) -> list[float]:
+        """Milliseconds of ``n`` back-to-back executions between CUDA events on the stream."""
+        cuda, stream = self._cuda, handle(self._stream)
+        events = [(cuda.event_create(), cuda.event_create()) for _ in range(n)]
+        try:
+            for start, end in events:
+                cuda.event_record(start, stream)
+                self._execute(context)
+                cuda.event_record(end, stream)
+            cuda.stream_synchronize(self._stream)
+            return [cuda.event_elapsed_ms(start, end) for start, end in events]
+        finally:
+            for pair in events:
+                for e in pair:
+                    cuda.event_destroy(e)
 
     def timed_run(self, x: np.ndarray) -> tuple[np.ndarray, float]:
         """(logits, milliseconds of GPU time between CUDA events around execute_async_v3)."""
-        import torch
-        x_dev, outputs = self._stage(x)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record(self._stream)
-        self._execute()
-        end.record(self._stream)
-        out = self._fetch(outputs)
-        return out, float(start.elapsed_time(end))
+        context, host = self._stage(x)
+        (ms,) = self._timed(context, 1)
+        return self._fetch(host), ms
 
     def time_runs(self, x: np.ndarray, n: int = 1) -> list[float]:
         """Seconds of GPU time of ``n`` back-to-back executions (CUDA events; input staged once)."""
-        import torch
-        x_dev, outputs = self._stage(x)
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(n)]
-        for start, end in events:
-            start.record(self._stream)
-            self._execute()
-            end.record(self._stream)
-        self._stream.synchronize()
-        del x_dev, outputs
-        return [start.elapsed_time(end) / 1000.0 for start, end in events]
+        context, _ = self._stage(x)
+        return [ms / 1000.0 for ms in self._timed(context, n)]
 
     # -- description
 
@@ -444,7 +532,7 @@ class TrtBackend(Backend):
 
     def memory(self) -> dict[str, int]:
         """file_bytes: serialized engine (the file, or the in-memory plan when opened from ONNX);
-        device_memory_bytes: activation/scratch memory each context allocates at the profile's
+        device_memory_bytes: activation/scratch memory each context allocates at the profiles'
         largest shapes; weight_bytes: the engine's own count (absent where TensorRT cannot say);
         onnx_weight_bytes[.<dtype>]: the source ONNX's weights (a fallback, labelled by its key);
         activation_bytes.b<N>: context memory needed at batch N, for batches run so far."""
@@ -461,22 +549,31 @@ class TrtBackend(Backend):
         return out
 
     def describe(self) -> dict:
-        import torch
         facts = engine_memory(self._trt, self._engine)
         return {
             "backend": "tensorrt",
             "tensorrt": self._trt.__version__,
-            "gpu": torch.cuda.get_device_name(self.device),
-            "cuda": torch.version.cuda,
+            "gpu": self._cuda.device_properties(self.device)["name"],
+            "cuda_runtime": self._cuda.runtime_version(),
             "precision": self.precision,
             "strongly_typed": True,
             "batch_range": list(self.batch_range),
+            "profiles": [{"min": lo, "opt": opt, "max": hi} for lo, opt, hi in self.profiles],
+            "profile_opt_by_batch": {str(b): opt for b, opt in sorted(self._batches.items())},
             "num_layers": facts["num_layers"],
             "weight_bytes_source": ("engine (EngineStat.TOTAL_WEIGHTS_SIZE)" if facts["weight_bytes"] is not None
                                     else "not reported by this TensorRT; see onnx_weight_bytes (ONNX initializers)"),
             "onnx": str(self.onnx_path) if self.onnx_path else None,
-            "timing": "CUDA events around execute_async_v3 (GPU time, input resident, host copies excluded)",
+            "timing": "CUDA events around execute_async_v3 (GPU time, input resident, host copies excluded); "
+                      "each batch on the optimization profile whose opt is that batch where there is one",
         }
 
     def close(self) -> None:
-        self._context = self._engine = self._runtime = None
+        if getattr(self, "_stream", None) is not None:
+            self._cuda.stream_synchronize(self._stream)
+            for buf in self._buffers.values():
+                buf.free()
+            self._cuda.stream_destroy(self._stream)
+            self._stream = None
+        self._contexts = {}
+        self._engine = self._runtime = None
