@@ -205,9 +205,11 @@ def pick_profile(profiles, batch: int) -> int:
 
 def build_serialized(onnx_path, *, precision: str | None = None, min_batch: int = 1,
                      opt_batches=DEFAULT_OPT_BATCHES, max_batch: int = 32, workspace_mb: int = 1024,
-                     timing_cache_path=None, verbose: bool = False) -> tuple[bytes, dict]:
+                     timing_cache_path=None, verbose: bool = False, detailed: bool = False) -> tuple[bytes, dict]:
     """Build a serialized engine from ``onnx_path`` in memory. Returns (engine bytes, build info).
 
+    ``detailed`` builds with ProfilingVerbosity.DETAILED, so the engine inspector reports each
+    layer's tensor formats and tactic (runtime.trt_check reads them).
     One optimization profile per opt batch (``batch_profiles``); info["profiles"] lists them.
 
     ``precision`` must agree with the file (``runtime.memory.inspect_onnx``: quantization
@@ -231,6 +233,8 @@ def build_serialized(onnx_path, *, precision: str | None = None, min_batch: int 
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_mb) << 20)
     add_profiles(builder, config, name, chw, profiles)
+    if detailed:
+        config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
 
     cache_path = Path(timing_cache_path) if timing_cache_path else None
     cache_bytes = cache_path.read_bytes() if cache_path and cache_path.is_file() else b""
