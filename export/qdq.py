@@ -6,8 +6,10 @@ For each quantized layer L (METHOD.md §5), with scales from the compress stage 
     scales; zero point 0) feeding the MatMul directly, for N in L / L.first / L.second;
   * activations: per-tensor QuantizeLinear -> DequantizeLinear ("L.input_q/_dq") on the
     input of the layer, and ("L.mid_q/_dq") on h = x Bᵀ between the two MatMuls of a pair.
-Nothing else is touched: LayerNorm, Softmax, GELU and the residual Adds stay float, the
-attention MatMuls (q·kᵀ, attn·v) and layers without ranges (e.g. the head) stay float.
+Nothing else is touched: LayerNorm, Softmax, GELU and the residual Adds stay float, and so
+do the attention MatMuls (q·kᵀ, attn·v) and every Linear without ranges. Which Linears have
+ranges is the compress stage's choice: today compress.quantize calibrates the classifier head
+too, so the head is quantized (ModelOpt leaves the output layer float).
 """
 from __future__ import annotations
 
