@@ -76,12 +76,17 @@ def default_evaluation_for(model_name: str) -> Path:
     return bundled_path("cifar10-eval" if model_name.startswith("vit_cifar") else "imagenet")
 
 
+# What PIL raises for a file it will not decode: not an image, truncated or corrupt, or larger
+# than its decompression-bomb limit (Image.MAX_IMAGE_PIXELS; DecompressionBombError is no OSError).
+UNREADABLE = (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
 def _readable(path: Path) -> bool:
     try:
         with Image.open(path) as im:
             im.verify()
         return True
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+    except UNREADABLE:
         return False
 
 
@@ -193,8 +198,8 @@ class _Dataset(torch.utils.data.Dataset):
             try:
                 with Image.open(path) as im:
                     img = im.convert("RGB")  # grayscale, palette and RGBA become RGB
-            except (UnidentifiedImageError, OSError) as e:
-                raise CalibrationDataError(f"cannot read image {path}: {e}") from None
+            except UNREADABLE as e:
+                raise CalibrationDataError(f"cannot read image {path}: {str(e).splitlines()[0]}") from None
         return self.transform(img), label
 
 

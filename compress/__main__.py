@@ -5,12 +5,8 @@ import argparse
 import logging
 import sys
 
+from cliutil import OneLineParser, reserve_output, run_cli
 from .errors import CompressError
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit code 2 (argparse's default prints the usage too)
-        self.exit(2, f"error: {message} (see python -m compress --help)\n")
 
 
 def add_weights_arguments(g) -> None:
@@ -26,7 +22,7 @@ def add_weights_arguments(g) -> None:
 
 
 def get_parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    p = OneLineParser(
         prog="python -m compress",
         description="Activation-aware mixed-rank low-rank compression (+ INT8 PTQ ranges) of a timm ViT. "
                     "Writes DIR/{manifest.json, weights.safetensors, report.md, ranks.png}.")
@@ -77,7 +73,10 @@ def get_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("run")
     g.add_argument("--out", required=True, help="output directory (replaced atomically)")
     g.add_argument("--device", default="cpu")
-    g.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
+    g.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads (0: torch default); recorded in the manifest: float reductions "
+                        "depend on it, so weights differ across thread counts by float rounding (~1e-4), "
+                        "while equal inputs and threads give byte-identical weights")
     g.add_argument("-q", "--quiet", action="store_true", help="warnings only")
     return p
 
@@ -104,20 +103,24 @@ def main(argv=None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     from calibration_data import CalibrationDataError
 
-    try:
-        if args.threads > 0:
-            import torch
+    from .artifact import replace_refusal
 
-            torch.set_num_threads(args.threads)
-        from .pipeline import run
+    def body() -> int:
+        with reserve_output(args.out, kind="dir", accepts=replace_refusal):  # before any expensive work
+            if args.threads > 0:
+                import torch
 
-        result = run(config_from_args(args))
-    except (CompressError, CalibrationDataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+                torch.set_num_threads(args.threads)
+            from .pipeline import run
+
+            result = run(config_from_args(args))
+        _print_summary(result)
+        return 0
+
+    return run_cli(body, (CompressError, CalibrationDataError))
+
+
+def _print_summary(result) -> None:
     m = result.manifest
     p = m["params"]
     print(f"{m['model']['name']}: {p['before']:,} -> {p['after']:,} parameters "
@@ -132,7 +135,6 @@ def main(argv=None) -> int:
         print(f"fine-tuned {ft['steps']} steps on {ft['images']} calibration images in {ft['seconds']:.1f} s: "
               f"KL to the dense model {ft['kl_before']:.3g} -> {ft['kl_after']:.3g}")
     print(f"wrote {result.out} in {m['timings']['total']:.1f} s")
-    return 0
 
 
 if __name__ == "__main__":

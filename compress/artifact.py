@@ -9,16 +9,14 @@
 **kwargs)``, puts a LowRankLinear of the recorded shape at every factorised layer and loads
 the weights strictly, so outputs are bit-identical to the model that was saved.
 Writes are atomic: everything goes to a temporary sibling directory that replaces
-``out_dir`` in one rename, so an interrupted run never leaves a half-written artifact.
+``out_dir`` in one swap (cliutil.staging_dir), so an interrupted run never leaves a half-written
+artifact. Reading validates the manifest against SCHEMA (one error naming the key).
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
-import shutil
-import tempfile
-import uuid
 from pathlib import Path
 
 import torch
@@ -60,42 +58,69 @@ def check_manifest_matches(model: nn.Module, manifest: dict) -> None:
             raise ValueError(f"manifest entry of {n} does not match its module")
 
 
-def save_compressed(out_dir: str | Path, model: nn.Module, manifest: dict) -> Path:
-    """Write the four files atomically (replacing an earlier artifact at ``out_dir``)."""
-    from safetensors.torch import save_file
+def replace_refusal(out: Path) -> str | None:
+    """Why ``out`` may not be replaced by a compressed model (None: empty, or one already)."""
+    if out.is_dir() and (not any(out.iterdir()) or (out / "manifest.json").is_file()):
+        return None
+    return "exists and is not a compressed-model directory; choose a new path (it would be replaced)"
 
+
+def safetensors_bytes(state: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """safetensors.torch.save with a canonical header: the library writes ``__metadata__`` from a
+    hash map whose order changes from call to call, so equal inputs would give different bytes."""
+    from safetensors.torch import save
+
+    raw = save(state, metadata=metadata)
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
+    text = json.dumps({"__metadata__": header.pop("__metadata__"), **header}, separators=(",", ":"), ensure_ascii=False)
+    text = text.encode() + b" " * (-len(text.encode()) % 8)   # the data that follows stays 8-aligned
+    return len(text).to_bytes(8, "little") + text + raw[8 + n:]
+
+
+def save_compressed(out_dir: str | Path, model: nn.Module, manifest: dict) -> Path:
+    """Write the four files atomically (replacing an earlier artifact at ``out_dir``).
+
+    Equal models and manifests give byte-identical weights.safetensors; the torch thread count
+    is recorded (``torch_threads``) because float reductions, hence the weights, depend on it.
+    """
+    from cliutil import staging_dir
     from .report import plot_ranks, render_report
 
     check_manifest_matches(model, manifest)
-    manifest = dict(manifest, format=FORMAT, format_version=FORMAT_VERSION)
+    manifest = dict(manifest, format=FORMAT, format_version=FORMAT_VERSION,
+                    torch_threads=manifest.get("torch_threads", torch.get_num_threads()))
     out = Path(out_dir).expanduser().absolute()
-    if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or (out / "manifest.json").is_file())):
-        raise CompressError(f"--out {out} exists and is not a compressed-model directory; "
-                            "choose a new path (it would be replaced)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    if out.exists() and replace_refusal(out):
+        raise CompressError(f"--out {out} {replace_refusal(out)}")
+    with staging_dir(out) as tmp:
         text = json.dumps(manifest, indent=1, allow_nan=False, default=_json_default)
         (tmp / "manifest.json").write_text(text + "\n")
-        save_file(_state_for_saving(model), str(tmp / "weights.safetensors"),
-                  metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
+        (tmp / "weights.safetensors").write_bytes(safetensors_bytes(
+            _state_for_saving(model), {"format": FORMAT, "format_version": str(FORMAT_VERSION)}))
         (tmp / "report.md").write_text(render_report(manifest))
         plot_ranks(manifest, tmp / "ranks.png")
         for f in FILES:
             os.chmod(tmp / f, 0o644)
-        os.chmod(tmp, 0o755)
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info("wrote %s", out)
     return out
+
+
+def fingerprint(path: str | Path) -> str:
+    """Identity of a compressed model: sha256 of its weights.safetensors (16 hex digits).
+    Export records it in every ONNX file; evaluation checks it against --compressed."""
+    import hashlib
+
+    wp = Path(path).expanduser() / "weights.safetensors"
+    h = hashlib.sha256()
+    try:
+        with open(wp, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    except FileNotFoundError:
+        raise CompressError(f"{Path(path)} has no weights.safetensors") from None
+    return h.hexdigest()[:16]
 
 
 def _json_default(o):
@@ -106,7 +131,95 @@ def _json_default(o):
     raise TypeError(f"{type(o).__name__} is not JSON serialisable")
 
 
+# ----------------------------------------------------------------------------- manifest schema
+# What readers of a manifest rely on; anything else is free-form. A spec is a type, a tuple of
+# alternatives (None allowed), a dict {key: spec} (keys ending in "?" optional), or {"*": spec}
+# for a mapping of any names to spec. Numbers are int/float but never bool.
+_NUM, _INT, _POS, _NONNEG = "number", "int", "positive", "nonnegative"
+_RANGE = {"input": _NONNEG, "mid?": (None, _NONNEG)}
+_RANGES = (None, {"*": _RANGE})
+SCHEMA = {
+    "format": str,
+    "format_version?": _INT,
+    "model": {"name": str, "checkpoint?": (None, str), "pretrained?": (None, bool), "kwargs?": dict,
+              "weights?": (None, str)},
+    "layers": {"*": {"in": _POS, "out": _POS, "rank": _INT, "comp_rank?": _INT, "dense?": bool, "bias?": bool}},
+    "params?": {"before": _INT, "after": _INT, "removed_ratio?": _NUM},
+    "quant?": (None, {"enabled?": bool, "act_ranges?": _RANGES, "dense_act_ranges?": _RANGES}),
+    "calibration?": (None, {"path?": (None, str), "images?": (None, _INT)}),
+    "config?": (None, {"seed?": (None, _INT)}),
+}
+
+
+def _type_name(spec) -> str:
+    if isinstance(spec, tuple):
+        return " or ".join(_type_name(s) for s in spec)
+    if spec is None:
+        return "null"
+    if isinstance(spec, dict):
+        return "an object"
+    return {str: "a string", bool: "true/false", dict: "an object", _NUM: "a number", _INT: "an integer >= 0",
+            _POS: "a number > 0", _NONNEG: "a number >= 0"}[spec]
+
+
+def _matches(value, spec) -> bool:
+    import math
+
+    if spec is None:
+        return value is None
+    if isinstance(spec, dict):
+        return isinstance(value, dict)
+    if spec in (_NUM, _INT, _POS, _NONNEG):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            return False
+        return spec == _NUM or (spec == _INT and isinstance(value, int) and value >= 0) or \
+            (spec == _POS and value > 0) or (spec == _NONNEG and value >= 0)
+    return isinstance(value, spec)
+
+
+def _validate(value, spec, where: str) -> None:
+    alternatives = spec if isinstance(spec, tuple) else (spec,)
+    for alt in alternatives:
+        if _matches(value, alt):
+            if isinstance(alt, dict):
+                if set(alt) == {"*"}:
+                    for k, v in value.items():
+                        _validate(v, alt["*"], f"{where}.{k}")
+                else:
+                    for key, sub in alt.items():
+                        name = key.rstrip("?")
+                        if name in value:
+                            _validate(value[name], sub, f"{where}.{name}")
+                        elif not key.endswith("?"):
+                            raise ValueError(f"{where}.{name} is missing")
+            return
+    got = "null" if value is None else f"{type(value).__name__} {json.dumps(value)[:40]}"
+    raise ValueError(f"{where} must be {_type_name(spec)}, got {got}")
+
+
+def validate_manifest(manifest, source: str | Path = "manifest.json") -> None:
+    """Check a loaded manifest against SCHEMA and its own cross references; CompressError (one
+    line naming the key) on the first problem."""
+    try:
+        if not isinstance(manifest, dict):
+            raise ValueError(f"the top level must be an object, got {type(manifest).__name__}")
+        if manifest.get("format") != FORMAT:
+            raise ValueError(f"format is {manifest.get('format')!r}, expected {FORMAT!r}")
+        _validate(manifest, SCHEMA, "manifest")
+        for name, layer in manifest["layers"].items():
+            if not layer.get("dense") and not 0 < layer["rank"] <= min(layer["in"], layer["out"]):
+                raise ValueError(f"manifest.layers.{name}.rank {layer['rank']} is outside [1, min(in, out)]")
+        for name, r in ((manifest.get("quant") or {}).get("act_ranges") or {}).items():
+            layer = manifest["layers"].get(name)
+            if layer is not None and not layer.get("dense") and r.get("mid") is None:
+                raise ValueError(f"manifest.quant.act_ranges.{name}.mid is missing for a low-rank layer")
+    except ValueError as e:
+        raise CompressError(f"{source} is not a valid {FORMAT} manifest: {e}") from None
+
+
 def read_manifest(path: str | Path) -> dict:
+    """The validated manifest of a compressed-model directory; a relative model checkpoint
+    path in it is resolved against that directory (not the working directory)."""
     d = Path(path).expanduser()
     if not d.is_dir():
         raise CompressError(f"compressed model directory {d} does not exist; run `python -m compress` first")
@@ -117,12 +230,16 @@ def read_manifest(path: str | Path) -> dict:
         manifest = json.loads(mp.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CompressError(f"{mp} is corrupt: {e}") from None
-    if manifest.get("format") != FORMAT or not isinstance(manifest.get("layers"), dict) \
-            or not isinstance(manifest.get("model"), dict):
-        raise CompressError(f"{mp} is not a {FORMAT} manifest")
+    except OSError as e:
+        raise CompressError(f"cannot read {mp}: {e.strerror or e}") from None
+    validate_manifest(manifest, mp)
     if manifest.get("format_version", 0) > FORMAT_VERSION:
         raise CompressError(f"{mp} has format version {manifest['format_version']}; this code reads "
                             f"<= {FORMAT_VERSION}")
+    for section, key in (("model", "checkpoint"), ("calibration", "path")):
+        p = (manifest.get(section) or {}).get(key)
+        if p and not Path(p).expanduser().is_absolute():
+            manifest[section][key] = str((d / Path(p).expanduser()).absolute())
     return manifest
 
 

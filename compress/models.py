@@ -225,14 +225,18 @@ def _read_state_dict(path: Path) -> dict:
         else:
             state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - corrupt files raise many different types
-        msg = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
-        raise CompressError(f"cannot read checkpoint {path} (corrupt or not a weights file): {msg}") from None
+        from .fileinfo import checkpoint_error
+
+        raise CompressError(checkpoint_error(path, e)) from None
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
             break
     if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CompressError(f"checkpoint {path} holds no state dict of tensors")
+        what = type(state).__name__ if not isinstance(state, dict) else (
+            "an empty dict" if not state else "a dict of " + ", ".join(sorted({type(v).__name__ for v in state.values()})))
+        raise CompressError(f"checkpoint {path} holds {what}; expected a state dict of tensors "
+                            "(torch.save(model.state_dict()))")
     if all(k.startswith("module.") for k in state):  # saved from DataParallel/DDP
         state = {k[len("module."):]: v for k, v in state.items()}
     return state

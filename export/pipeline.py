@@ -8,18 +8,18 @@ take); *.int8-fp16.onnx is the same QDQ graph with float16 everywhere else, at o
 (float16 Q/DQ scales), for TensorRT: a strongly typed engine runs its INT8 GEMMs with FP16
 elsewhere instead of FP32/TF32. It is written when both int8 and fp16 are on.
 
-Everything is built in a temporary folder inside ``out`` and moved into place with
-os.replace only when every parity check passed; on a parity failure only the report is
-written (so nothing downstream picks up a wrong file) and ParityError is raised.
+Everything is built in a temporary sibling folder that replaces ``out`` in one swap
+(cliutil.staging_dir, as compress publishes), so a failure part-way leaves the old
+folder whole and never a mix; on a parity failure the new folder holds only the report (so
+nothing downstream picks up a wrong or stale file) and ParityError is raised. The report
+records the compressed model's fingerprint and each file's sha256 (checked by runtime eval).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
-import os
-import shutil
 import sys
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -216,10 +216,12 @@ def export_compressed(compressed_dir, out_dir, options: ExportOptions | None = N
     calib = options.calib or default_calibration_for(manifest["model"]["name"])
     batches = parity_batches(calib, dense, options.num_parity, options.batch_size)
 
+    from cliutil import staging_dir
+    from compress.artifact import fingerprint
+
+    source = {"compressed": str(Path(compressed_dir).absolute()), "fingerprint": fingerprint(compressed_dir)}
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=out))
-    try:
+    with staging_dir(out) as tmp:
         files: dict[str, dict] = {}
         for stem in VARIANTS:
             m = models[stem]
@@ -236,14 +238,13 @@ def export_compressed(compressed_dir, out_dir, options: ExportOptions | None = N
                 onnx.save(p, str(tmp / fname))
                 files[fname] = check_file(tmp / fname, m, precision, r, batches, options.threads,
                                           ort_kernels=not fname.endswith("-fp16.onnx"))
-        report = build_report(manifest, models, options, calib, files)
-        (tmp / "export_report.json").write_text(json.dumps(report, indent=2, default=_json_default))
+        for fname in files:
+            files[fname]["sha256"] = _sha256(tmp / fname)
+        report = dict(build_report(manifest, models, options, calib, files), source=source)
         failed = [f for f, s in files.items() if not s["parity"]["passed"]]
-        names = ["export_report.json"] if failed else [*files, "export_report.json"]
-        for name in names:
-            os.replace(tmp / name, out / name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        for fname in files if failed else ():
+            (tmp / fname).unlink()
+        (tmp / "export_report.json").write_text(json.dumps(report, indent=2, default=_json_default))
     if failed:
         p = files[failed[0]]["parity"]
         raise ParityError(f"parity failed for {', '.join(failed)} (e.g. {failed[0]}: max abs "
@@ -332,6 +333,14 @@ def build_report(manifest, models, options, calib, files) -> dict:
                      "polygraphy": polygraphy.__version__, "numpy": np.__version__,
                      "exporter": "torch.onnx.export(dynamo=True)"},
     }
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
 
 
 def _json_default(o):

@@ -10,7 +10,8 @@ profile where the time goes per variant: Linears vs attention vs the rest (runti
 trt-check  on a GPU with TensorRT: INT8 kernels per MatMul, parity with ORT, batch 1/32 (runtime.trt_check)
 info    which backends can run here, and the machine
 
-User errors print one line on stderr and exit with code 2.
+User errors print one line on stderr and exit with code 2 (argparse's too), filesystem errors
+exit 1, Ctrl-C 130; every --out is validated and locked before the work starts.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import json
 import logging
 import sys
 
+from cliutil import OneLineParser, reserve_output, run_cli
 from runtime.errors import RuntimeStageError
 
 # Subcommands that live in their own module (imported only when run): name -> (module, help).
@@ -33,6 +35,8 @@ DELEGATED = {
     "study": ("runtime.study", "methods x allocations x compensation at equal budgets, on real labelled images"),
     "trt-check": ("runtime.trt_check", "TensorRT INT8 proof: per-layer precision, parity with ORT, batch 1/32 latency"),
 }
+# Subcommands whose --out is one file (the others write into an --out folder).
+FILE_OUTPUTS = {"eval"}
 # Other packages' user-error types, recognised if already imported by the command that raised.
 _USER_ERRORS = (("calibration_data.errors", "CalibrationDataError"), ("compress.errors", "CompressError"),
                 ("export.errors", "ExportError"))
@@ -95,7 +99,7 @@ def _add_bench(sub) -> None:
 
 
 def get_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m runtime", description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(prog="python -m runtime", description=__doc__.split("\n\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_bench(sub)
@@ -160,9 +164,20 @@ def _delegate(name: str, argv: list[str]) -> int:
         if exc.name != module_name:
             raise
         raise RuntimeStageError(f"`{name}` is not available in this installation ({module_name} is missing)") from None
-    parser = argparse.ArgumentParser(prog=f"python -m runtime {name}", description=help_text)
+    parser = OneLineParser(prog=f"python -m runtime {name}", description=help_text)
     module.add_arguments(parser)
-    return module.main(parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    with _reserved(name, args):
+        return module.main(args)
+
+
+def _reserved(command: str, args):
+    """The subcommand's --out, validated and locked before its work (a no-op without one)."""
+    import contextlib
+
+    if getattr(args, "out", None) is None:
+        return contextlib.nullcontext()
+    return reserve_output(args.out, kind="file" if command in FILE_OUTPUTS else "dir")
 
 
 def _is_user_error(exc: BaseException) -> bool:
@@ -183,15 +198,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    try:
+
+    def body() -> int:
         if args.command in DELEGATED:
             return int(_delegate(args.command, rest) or 0)
-        return {"bench": _bench, "info": _info}[args.command](args)
-    except Exception as exc:
-        if not _is_user_error(exc):
-            raise
-        print(f"error: {exc}".splitlines()[0], file=sys.stderr)
-        return 2
+        with _reserved(args.command, args):
+            return {"bench": _bench, "info": _info}[args.command](args)
+
+    return run_cli(body, is_user_error=_is_user_error)
 
 
 if __name__ == "__main__":

@@ -101,15 +101,95 @@ def backend_variant(backend) -> Variant:
     return lambda x: backend.run(x.numpy())
 
 
-def resolve_data(spec: str | None, model_name: str, num: int | None = None, seed: int = 0):
-    """The evaluation ImageSet: a folder, a bundled set name, 'cifar10-test', or the model's default."""
+def resolve_data(spec: str | None, model_name, num: int | None = None, seed: int = 0):
+    """The evaluation ImageSet: a folder, a bundled set name, 'cifar10-test', or the default of the
+    model (a model, or a timm name)."""
     from calibration_data import cifar10_test_set, default_evaluation_for, load_image_set
 
+    spec = spec or default_evaluation_for(model_name)
     if spec in ("cifar10-test", "cifar10:test"):
         return cifar10_test_set(num=num, seed=seed)
-    return load_image_set(spec or default_evaluation_for(model_name), num=num, seed=seed)
+    return load_image_set(spec, num=num, seed=seed)
 
 
+
+
+def model_class_names(model: torch.nn.Module) -> tuple[str, ...] | None:
+    """The model's class names in output order: its pretrained_cfg's label_names, ImageNet's
+    WordNet ids for a 1000-class model, else None (only the count is known)."""
+    from calibration_data.images import IMAGENET_WNIDS
+
+    n = int(getattr(model, "num_classes", 0) or 0)
+    names = tuple((getattr(model, "pretrained_cfg", None) or {}).get("label_names") or ())
+    if names and len(names) == n:
+        return names
+    if n == 1000 and IMAGENET_WNIDS.is_file():
+        return tuple(IMAGENET_WNIDS.read_text().split())
+    return None
+
+
+def match_classes(images, model: torch.nn.Module, what: str = "--data"):
+    """``images`` with labels in the model's class order; refuses (RuntimeStageError) unlabelled
+    images, class folders the model does not have, and a class count that differs from the
+    model's when its class names are unknown. Scoring such a set would give silent wrong numbers."""
+    import dataclasses
+
+    from runtime.errors import RuntimeStageError
+
+    if not images.labelled:
+        raise RuntimeStageError(f"{what} {images.root} is unlabelled (a flat folder); evaluation needs one "
+                                "subfolder per class, ImageNet <wnid>_*.JPEG names, or cifar10-test")
+    n = int(getattr(model, "num_classes", 0) or 0)
+    names = model_class_names(model)
+    if names is None:
+        if len(images.classes) != n:
+            raise RuntimeStageError(f"{what} {images.root} has {len(images.classes)} classes, the model "
+                                    f"predicts {n}")
+        return images
+    if tuple(images.classes) == names:
+        return images
+    index = {c: i for i, c in enumerate(names)}
+    unknown = [c for c in images.classes if c not in index]
+    if unknown:
+        shown = ", ".join(unknown[:3]) + (f" and {len(unknown) - 3} more" if len(unknown) > 3 else "")
+        expect = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
+        raise RuntimeStageError(f"{what} {images.root}: class folder(s) {shown} are not classes of the model "
+                                f"({n} classes: {expect})")
+    labels = tuple(index[images.classes[y]] for y in images.labels)
+    return dataclasses.replace(images, labels=labels, classes=names)
+
+
+def check_onnx_origin(onnx_file: Path, compressed: Path, expected: str | None = None) -> None:
+    """The ONNX file must come from ``compressed``: export_report.json beside it records the
+    compressed model's fingerprint and every file's sha256 (export.pipeline)."""
+    import hashlib
+
+    from compress.artifact import fingerprint
+    from runtime.errors import RuntimeStageError
+
+    onnx_file = Path(onnx_file)
+    report_path = onnx_file.parent / "export_report.json"
+    try:
+        report = json.loads(report_path.read_text())
+        source = report["source"]["fingerprint"]
+        want = report["files"][onnx_file.name]["sha256"]
+    except FileNotFoundError:
+        raise RuntimeStageError(f"{onnx_file} has no export_report.json beside it: cannot tell which model "
+                                "it was exported from (export it with python -m export)") from None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise RuntimeStageError(f"{report_path} does not record the origin of {onnx_file.name} "
+                                f"({type(e).__name__}: {e}); re-export with python -m export") from None
+    expected = expected or fingerprint(compressed)
+    if source != expected:
+        raise RuntimeStageError(f"{onnx_file} was exported from another model (fingerprint {source}), "
+                                f"not from {compressed} ({expected})")
+    h = hashlib.sha256()
+    with open(onnx_file, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    if h.hexdigest()[:16] != want:
+        raise RuntimeStageError(f"{onnx_file} is not the file export wrote (sha256 differs from "
+                                f"{report_path.name}); re-export")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -142,7 +222,34 @@ def dense_model(manifest: dict) -> torch.nn.Module:
         if spec.get("weights") == "random-init" and seed is not None:
             torch.manual_seed(seed)
         return compress.load_model(spec["name"], checkpoint=spec.get("checkpoint"),
-                                   pretrained=spec.get("pretrained", False), **spec.get("kwargs", {}))
+                                   pretrained=spec.get("pretrained", False), **(spec.get("kwargs") or {}))
+
+
+def _onnx_files(args) -> list[Path]:
+    from runtime.errors import RuntimeStageError
+
+    for f in args.onnx:
+        if not Path(f).is_file():
+            raise RuntimeStageError(f"--onnx {f} is not a file")
+    files = [Path(f) for f in args.onnx]
+    if args.onnx_dir is not None:
+        d = Path(args.onnx_dir)
+        if not d.is_dir():
+            raise RuntimeStageError(f"--onnx-dir {d} is not a directory (run python -m export first)")
+        found = [d / f for f in ONNX_ORDER if (d / f).is_file()]
+        if not found:
+            raise RuntimeStageError(f"--onnx-dir {d} holds none of {', '.join(ONNX_ORDER)}")
+        files += found
+    return files
+
+
+def _check_args(args) -> None:
+    from runtime.errors import RuntimeStageError
+
+    if args.batch_size < 1:
+        raise RuntimeStageError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.num is not None and args.num < 1:
+        raise RuntimeStageError(f"--num must be >= 1, got {args.num}")
 
 
 def _variants(args):
@@ -171,9 +278,13 @@ def _variants(args):
         name, info = args.model, {}
     else:
         raise compress.CompressError("nothing to evaluate: pass --compressed DIR or --model NAME")
-    onnx_files = list(args.onnx)
-    if args.onnx_dir:
-        onnx_files += [args.onnx_dir / f for f in ONNX_ORDER if (args.onnx_dir / f).is_file()]
+    onnx_files = _onnx_files(args)
+    if args.compressed:
+        from compress.artifact import fingerprint
+
+        expected = info["fingerprint"] = fingerprint(args.compressed)
+        for f in onnx_files:
+            check_onnx_origin(f, args.compressed, expected)
     if onnx_files:
         from runtime.backends import open_backend
 
@@ -188,9 +299,10 @@ def _variants(args):
 def main(args: argparse.Namespace) -> int:
     from calibration_data import make_loader
 
+    _check_args(args)
     variants, name, info, closers, dense = _variants(args)
     try:
-        images = resolve_data(args.data, name, args.num, args.seed)
+        images = match_classes(resolve_data(args.data, dense, args.num, args.seed), dense)
         loader = make_loader(images, dense, batch_size=args.batch_size)
         scores = evaluate(variants, loader, reference="dense")
     finally:
