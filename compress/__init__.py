@@ -8,7 +8,7 @@ light (no model, no data, no CUDA touched). Public API::
     result = run(Config(model="vit_cifar_ref", ratio=0.5, out="runs/x"))
     model, manifest = load_compressed("runs/x")
 """
-from . import reference_model  # noqa: F401  (registers vit_cifar_ref / vit_cifar_narrow with timm)
+from . import reference_model, zoo  # noqa: F401  (registers vit_cifar_ref/_narrow and the zoo models with timm)
 from .errors import CompressError
 
 __all__ = ["CompressError", "Config", "load_compressed", "load_model", "run", "save_compressed"]
