@@ -58,6 +58,25 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--damping", type=float, default=1e-4, help="whitening damping, relative to mean(diag C)")
     g.add_argument("--comp-damping", type=float, default=1e-4,
                    help="ridge of the compensation fit, relative to mean(diag C~) (default 1e-4)")
+    d = _defaults()
+    g = p.add_argument_group("refinement (beyond the paper; each kept only where held-out calibration images "
+                             "say it pays)")
+    g.add_argument("--heldout", type=int, default=d["heldout"],
+                   help="calibration images held out of every fit, to judge the refinements "
+                        f"(default {d['heldout']}; drawn after the --num-calib ones)")
+    g.add_argument("--seq-refit", action=argparse.BooleanOptionalAction, default=d["seq_refit"],
+                   help="refit each layer's factors to the compressed network's own inputs, layer by layer "
+                        f"(default {'on' if d['seq_refit'] else 'off'})")
+    g.add_argument("--recon-steps", type=int, default=d["recon_steps"], metavar="N",
+                   help="block-wise reconstruction: Adam steps per block on its factors against the dense "
+                        f"block's outputs, no labels (0: off; default {d['recon_steps']})")
+    g.add_argument("--recon-lr", type=float, default=d["recon_lr"],
+                   help=f"reconstruction step, relative to each tensor's RMS (default {d['recon_lr']:g})")
+    g.add_argument("--refine-damping", type=float, default=d["refine_damping"],
+                   help=f"ridge of the refit's input Gram, relative to its mean diagonal (default {d['refine_damping']:g})")
+    g.add_argument("--sensitivity-images", type=int, default=d["sensitivity_images"], metavar="N",
+                   help="reallocate ranks by each layer's measured effect on the final features, probed on N "
+                        f"calibration images (0: off; default {d['sensitivity_images']})")
     g = p.add_argument_group("recovery fine-tuning (beyond the paper; off by default)")
     g.add_argument("--finetune-steps", type=int, default=0, metavar="N",
                    help="Adam steps distilling the dense model's logits into the low-rank factors on the "
@@ -81,6 +100,15 @@ def get_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _defaults() -> dict:
+    """compress's defaults, from the one place they live (pipeline.Config)."""
+    import dataclasses
+
+    from .pipeline import Config
+
+    return {f.name: f.default for f in dataclasses.fields(Config)}
+
+
 def config_from_args(args: argparse.Namespace):
     from .pipeline import Config, default_stats_cache
 
@@ -94,7 +122,9 @@ def config_from_args(args: argparse.Namespace):
                   gram_precision=args.gram_precision, alpha=args.alpha, damping=args.damping,
                   comp_damping=args.comp_damping, quant=not args.no_quant,
                   quant_calib=args.quant_calib, percentile=args.percentile, include_head=args.include_head,
-                  stats_cache=cache, device=args.device)
+                  stats_cache=cache, device=args.device, heldout=args.heldout, seq_refit=args.seq_refit,
+                  recon_steps=args.recon_steps, recon_lr=args.recon_lr, refine_damping=args.refine_damping,
+                  sensitivity_images=args.sensitivity_images)
 
 
 def main(argv=None) -> int:
@@ -130,6 +160,12 @@ def _print_summary(result) -> None:
         print(f"top-1 agreement with the dense model on the calibration images: {ag['top1_agreement']:.1%} (fp32)"
               + (f", {m['agreement']['compressed_int8_vs_dense']['top1_agreement']:.1%} (int8)"
                  if "compressed_int8_vs_dense" in m["agreement"] else ""))
+    rf = m.get("refine")
+    if rf:
+        kept = [b["kept"] for b in rf["blocks"].values() if b.get("kept")]
+        print(f"refinement on {rf['heldout_images']} held-out images: final-feature cosine "
+              f"{rf['heldout_output_cosine_plain']['mean']:.4f} -> {rf['heldout_output_cosine_refined']['mean']:.4f}"
+              + (f"; kept per block: {', '.join(kept)}" if rf["kept"] else "; did not pay, reverted"))
     ft = m.get("finetune")
     if ft:
         print(f"fine-tuned {ft['steps']} steps on {ft['images']} calibration images in {ft['seconds']:.1f} s: "

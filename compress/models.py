@@ -117,7 +117,8 @@ def stages(model: nn.Module, layer_names) -> list[tuple[str, list[str]]]:
 
 
 def run_stage(model: nn.Module, stage: str, x: torch.Tensor) -> torch.Tensor:
-    """Run one stage of ``stages``: embed takes images, blocks take tokens, tail gives logits."""
+    """Run one stage of ``stages``: embed takes images, blocks take tokens, tail gives logits
+    ("features": the tail without the classifier, what the head reads)."""
     if stage == "embed":
         x = model.patch_embed(x)
         x = model._pos_embed(x)
@@ -125,7 +126,17 @@ def run_stage(model: nn.Module, stage: str, x: torch.Tensor) -> torch.Tensor:
         return model.norm_pre(x)
     if stage == "tail":
         return model.forward_head(model.norm(x))
+    if stage == "features":   # the tail up to the head's input: pooled, normalised features
+        return model.forward_head(model.norm(x), pre_logits=True)
     return model.get_submodule(stage)(x)
+
+
+def features_and_logits(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The final features the classifier reads (pooled, normalised; the CLS token for a ViT) and the
+    logits, or None for a headless model (num_classes=0)."""
+    tokens = model.forward_features(x)
+    feats = model.forward_head(tokens, pre_logits=True)
+    return feats, (model.forward_head(tokens) if getattr(model, "num_classes", 0) else None)
 
 
 # ----------------------------------------------------------------------------- loading

@@ -54,6 +54,12 @@ class Config:
     comp_images: int = 64                # images of the sequential pass (0: all calibration images)
     gram_precision: str = "float64"      # per-batch Gram product dtype; sums are always float64
     comp_lr: float = 1e-2
+    sensitivity_images: int = 0          # >0: reallocate by measured end-to-end layer sensitivity (sensitivity.py)
+    heldout: int = 64                    # extra calibration images never fitted on: they judge every refinement
+    seq_refit: bool = False              # sequential factorisation, kept per block where it pays (refine.py)
+    recon_steps: int = 0                 # block-wise reconstruction steps per block (0: off; refine.py)
+    recon_lr: float = 1e-3
+    refine_damping: float = 1e-2         # ridge of the refinement's C~, relative to its mean diagonal
     finetune_steps: int = 0              # distillation steps on the calibration images (0: off, the paper's setting)
     finetune_lr: float = 3e-5
     alpha: float = 0.5                   # exponent of the diag variant
@@ -79,19 +85,28 @@ class Config:
         if self.gram_precision not in ("float64", "float32"):
             raise CompressError(f"--gram-precision must be float64 or float32, got {self.gram_precision!r}")
         for name, lo in (("num_calib", 1), ("batch_size", 1), ("granule", 1), ("comp_rank", 0), ("comp_steps", 0),
-                         ("comp_images", 0), ("finetune_steps", 0)):
+                         ("comp_images", 0), ("finetune_steps", 0), ("heldout", 0), ("recon_steps", 0),
+                         ("sensitivity_images", 0)):
             if getattr(self, name) < lo:
                 raise CompressError(f"--{name.replace('_', '-')} must be >= {lo}, got {getattr(self, name)}")
         if self.quant_calib not in ("minmax", "percentile"):
             raise CompressError(f"unknown activation calibration {self.quant_calib!r}; use minmax or percentile")
         if not 50 < self.percentile <= 100:
             raise CompressError(f"--percentile must be in (50, 100], got {self.percentile}")
+        if self.refines and self.heldout < 1:
+            raise CompressError("--seq-refit/--recon-steps are validated on held-out images: give --heldout >= 1")
+        if not self.recon_lr > 0 or not self.refine_damping >= 0:
+            raise CompressError("--recon-lr must be > 0 and --refine-damping >= 0")
         if not self.finetune_lr > 0:
             raise CompressError(f"--finetune-lr must be > 0, got {self.finetune_lr}")
         if not self.damping >= 0 or not self.alpha >= 0 or not self.comp_damping >= 0:
             raise CompressError("--damping, --comp-damping and --alpha must be >= 0")
         if self.device != "cpu" and not self.device.startswith(("cuda", "mps")):
             raise CompressError(f"unknown device {self.device!r}; use cpu or cuda[:N]")
+
+    @property
+    def refines(self) -> bool:
+        return self.seq_refit or self.recon_steps > 0
 
     @property
     def budget(self) -> Budget:
@@ -122,6 +137,13 @@ def calibration_hash(images) -> str:
     return h.hexdigest()[:16]
 
 
+def calib_source(calib) -> str:
+    """How a manifest names the calibration images: a built-in set's name, or the folder's absolute path."""
+    from calibration_data import is_spec
+
+    return str(calib) if is_spec(calib) else str(Path(calib).resolve())
+
+
 def _versions() -> dict:
     import safetensors
     import timm
@@ -147,9 +169,21 @@ def _first_images(loader, n: int):
     return out
 
 
+def _split(images, n: int):
+    """The first ``n`` images of a set and the rest (a seeded subset's prefix is stable in ``num``)."""
+    def part(sl):
+        return dataclasses.replace(images, paths=images.paths[sl], labels=images.labels[sl],
+                                   arrays=None if images.arrays is None else images.arrays[sl])
+    return part(slice(0, n)), part(slice(n, None))
+
+
+def _tensors(loader) -> list[torch.Tensor]:
+    return [b[0] if isinstance(b, (tuple, list)) else b for b in loader]
+
+
 def run(config: Config) -> RunResult:
     """Run the compress stage end to end and write ``config.out`` atomically."""
-    from calibration_data import CalibrationDataError, default_calibration_for, load_image_set, make_loader
+    from calibration_data import CalibrationDataError, default_calibration_for, is_spec, load_image_set, make_loader
 
     from . import compensate, quantize, stats
     from .artifact import save_compressed
@@ -177,9 +211,15 @@ def run(config: Config) -> RunResult:
     allocate([LayerCurve(n, l.out_features, l.in_features, l.bias is not None,
                          (0.0,) * (min(l.out_features, l.in_features) + 1)) for n, l in layers.items()],
              total_params, cfg.budget, granule=cfg.granule, comp_rank=cfg.comp_rank)
-    calib = Path(cfg.calib) if cfg.calib else default_calibration_for(cfg.model)
+    calib = cfg.calib or default_calibration_for(model)
+    calib = calib if is_spec(calib) else Path(calib)
+    heldout = cfg.heldout if cfg.refines else 0
     try:
-        images = load_image_set(calib, num=cfg.num_calib, seed=cfg.seed)
+        images = load_image_set(calib, num=cfg.num_calib + heldout, seed=cfg.seed)
+        images, held = _split(images, cfg.num_calib)
+        if heldout and len(held) == 0:
+            raise CalibrationDataError(f"{calib} has no images left for the {heldout} held-out ones "
+                                       f"after {len(images)} calibration images; lower --num-calib or --heldout")
         loader = make_loader(images, model, batch_size=cfg.batch_size)
     except CalibrationDataError as e:
         raise CompressError(str(e)) from None
@@ -211,6 +251,16 @@ def run(config: Config) -> RunResult:
     # 3. allocation
     plan = allocate(curves, total_params, cfg.budget, granule=cfg.granule, comp_rank=cfg.comp_rank,
                     allocation=cfg.allocation, method=cfg.method)
+    sens = None
+    if cfg.sensitivity_images > 0:
+        from .sensitivity import sensitivities, weighted_curves
+
+        ranks = {lp.name: lp.rank for lp in plan.layers if not lp.dense}
+        sens = sensitivities(model, {n: facts[n].factors for n in ranks}, ranks,
+                             {n: facts[n].error(r) for n, r in ranks.items()},
+                             _tensors(_first_images(loader, cfg.sensitivity_images)))
+        plan = allocate(weighted_curves(curves, sens), total_params, cfg.budget, granule=cfg.granule,
+                        comp_rank=cfg.comp_rank, allocation=cfg.allocation, method=cfg.method)
     log.info("plan: %s -> %s parameters (%.1f%% removed), %d of %d layers factorised",
              f"{plan.params_before:,}", f"{plan.params_after:,}", 100 * plan.ratio,
              sum(not l.dense for l in plan.layers), len(plan.layers))
@@ -239,6 +289,17 @@ def run(config: Config) -> RunResult:
         n_comp = len(images) if comp_batches is loader else sum(len(b[0]) for b in comp_batches)
     compressed.eval()
     lap("compensation")
+
+    # 5a. sequential refit / block-wise reconstruction, each kept only where held-out images say it pays
+    refined = None
+    if cfg.refines and factors:
+        from .refine import RefineConfig, refine_
+
+        rcfg = RefineConfig(seq=cfg.seq_refit, recon_steps=cfg.recon_steps, recon_lr=cfg.recon_lr,
+                            damping=cfg.refine_damping, seed=cfg.seed)
+        refined = refine_(model, compressed, _tensors(loader),
+                          _tensors(make_loader(held, model, batch_size=cfg.batch_size)), rcfg)
+        lap("refinement")
 
     # 5b. optional recovery fine-tuning (beyond the paper): before INT8, so the ranges fit the tuned factors
     finetune = None
@@ -276,6 +337,8 @@ def run(config: Config) -> RunResult:
     manifest = _manifest(cfg, spec, plan, facts, comp, st, calib, calib_hash, images, qinfo, agreement)
     manifest["calibration"]["comp_images"] = n_comp
     manifest["finetune"] = finetune
+    manifest["refine"] = refined
+    manifest["sensitivity"] = sens
     manifest["timings"] = dict(timings)
     out = save_compressed(cfg.out, compressed.cpu(), manifest)
     lap("save")
@@ -322,12 +385,12 @@ def _manifest(cfg, spec, plan, facts, comp, st, calib, calib_hash, images, qinfo
         "layers": layers,
         "errors": errors,
         "plan": plan.to_dict(),
-        "calibration": {"path": str(Path(calib).resolve()), "images": st.images, "hash": calib_hash,
+        "calibration": {"path": calib_source(calib), "images": st.images, "hash": calib_hash,
                         "seed": cfg.seed, "tokens": next(iter(st.layers.values())).count,
                         "stats_cache_key": st.key or None, "stats_from_cache": st.from_cache},
         "quant": qinfo,
         "agreement": agreement,
         "versions": _versions(),
-        "config": dataclasses.asdict(dataclasses.replace(cfg, calib=str(Path(calib).resolve()),
+        "config": dataclasses.asdict(dataclasses.replace(cfg, calib=calib_source(calib),
                                                          pretrained=spec.pretrained)),
     }

@@ -1,0 +1,75 @@
+"""End-to-end layer sensitivity for the rank allocation (METHOD.md §8, beyond the paper).
+
+The paper's objective, the sum of normalised layer errors, treats a layer the network amplifies
+like one it ignores. Here each factorised layer alone is truncated to the rank a first allocation
+gave it, everything else dense, and the move of the network's final features on a few probe
+images is measured:
+
+    E_l = || f(x) - f_l(x) ||^2 / || f(x) ||^2        (f: the features the head reads)
+
+The layer's weight is ``s_l = E_l / e_l(r_l)``: how much end-to-end error one unit of its own
+normalised error causes. The allocation then runs again on the weighted curves ``s_l e_l(r)``,
+so a layer whose error the network amplifies keeps more rank. One forward of the blocks after
+the layer per layer (block inputs are computed once), on ``images`` probe images.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from .lowrank import LowRankLinear, replace_module_
+from .models import run_stage, stages
+
+log = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def sensitivities(dense: nn.Module, factors: dict, ranks: dict[str, int], errors: dict[str, float],
+                  images: list[torch.Tensor]) -> dict[str, float]:
+    """``s_l`` of every layer in ``ranks`` (rank > 0); ``factors[name]`` gives (A, B) at a rank.
+
+    ``factors``: name -> callable(rank) -> (A, B); ``errors``: name -> e_l(r_l), its own normalised error.
+    """
+    from tqdm import tqdm
+
+    dense.eval()
+    plan = [(s, ls) for s, ls in stages(dense, ranks) if s != "embed"]
+    blocks = [s for s, _ in plan if s != "tail"]
+    h = [run_stage(dense, "embed", x) for x in images]
+    inputs = {}
+    for stage in blocks:
+        inputs[stage] = h
+        h = [run_stage(dense, stage, x) for x in h]
+    ref = torch.cat([run_stage(dense, "features", x) for x in h]).double()
+    energy = float(ref.pow(2).sum())
+    out: dict[str, float] = {}
+    todo = [(s, l) for s, ls in plan for l in ls if ranks.get(l, 0) > 0]
+    for stage, name in tqdm(todo, desc="layer sensitivity", unit="layer", mininterval=5, disable=None):
+        lin = dense.get_submodule(name)
+        A, B = factors[name](ranks[name])
+        replace_module_(dense, name, LowRankLinear.from_factors(A, B, None if lin.bias is None else lin.bias.detach()))
+        try:
+            if stage == "tail":
+                feats = torch.cat([run_stage(dense, "features", x) for x in h])
+            else:
+                xs = inputs[stage]
+                for s in blocks[blocks.index(stage):]:
+                    xs = [run_stage(dense, s, x) for x in xs]
+                feats = torch.cat([run_stage(dense, "features", x) for x in xs])
+        finally:
+            replace_module_(dense, name, lin)
+        e2e = float((feats.double() - ref).pow(2).sum()) / energy if energy > 0 else 0.0
+        out[name] = e2e / max(errors[name], 1e-12)
+    return out
+
+
+def weighted_curves(curves, weights: dict[str, float]):
+    """The curves scaled by each layer's weight; layers without one get the median weight."""
+    from dataclasses import replace
+
+    import numpy as np
+
+    med = float(np.median(list(weights.values()))) if weights else 1.0
+    return [replace(c, curve=tuple(weights.get(c.name, med) * e for e in c.curve)) for c in curves]

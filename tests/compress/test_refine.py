@@ -1,0 +1,119 @@
+"""Sequential refit and block reconstruction, each validated on held-out images (compress/refine.py)."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from compress.lowrank import LowRankLinear, lowrank_layers, replace_module_
+from compress.refine import RefineConfig, fit_sequential, output_cosine, refine_
+
+
+def test_fit_sequential_is_the_reduced_rank_least_squares_optimum():
+    """svd_r(T L) L^-1 is the best rank-r W' for ||W X - W' X~||: no other rank-r map does better,
+    and it beats the plain whitened SVD (fitted on X) on the shifted inputs X~."""
+    g = torch.Generator().manual_seed(0)
+    m, n, N, r = 12, 10, 400, 3
+    W = torch.randn(m, n, generator=g, dtype=torch.float64)
+    X = torch.randn(n, N, generator=g, dtype=torch.float64) * torch.linspace(3, 0.1, n, dtype=torch.float64)[:, None]
+    Xt = X + 0.3 * torch.randn(n, N, generator=g, dtype=torch.float64)    # the compressed prefix's inputs
+    A, B = fit_sequential(W, Xt @ Xt.T, X @ Xt.T, r, damping=0.0)
+    err = lambda M: float(((W @ X - M @ Xt) ** 2).sum())
+    best = err(A.double() @ B.double())
+    # brute check against the explicit solution: whitened SVD of the least-squares map in the X~ metric
+    T = torch.linalg.lstsq(Xt.T, (W @ X).T).solution.T
+    L = torch.linalg.cholesky(Xt @ Xt.T)
+    U, S, Vh = torch.linalg.svd(T @ L)
+    explicit = (U[:, :r] * S[:r]) @ Vh[:r] @ torch.linalg.inv(L)
+    assert best == pytest.approx(err(explicit), rel=1e-4)
+    A, B = A.double(), B.double()
+    for _ in range(20):   # perturbed rank-r factors never do better
+        dA = 1e-2 * torch.randn(m, r, generator=g, dtype=torch.float64)
+        dB = 1e-2 * torch.randn(r, n, generator=g, dtype=torch.float64)
+        assert err((A + dA) @ (B + dB)) >= best * (1 - 1e-6)
+    from compress.svd import factorise
+    f = factorise(W.float(), (X @ X.T), "whiten", damping=0.0)
+    Aw, Bw = f.factors(r)
+    assert best < err(Aw.double() @ Bw.double())
+
+
+def _compressed_pair(rank=8):
+    import timm
+
+    torch.manual_seed(0)
+    dense = timm.create_model("vit_cifar_ref", pretrained=False, depth=2, embed_dim=64, num_heads=2).eval()
+    comp = copy.deepcopy(dense)
+    for name, mod in list(comp.named_modules()):
+        if isinstance(mod, torch.nn.Linear) and name.startswith("blocks."):
+            U, S, Vh = torch.linalg.svd(mod.weight.detach(), full_matrices=False)
+            replace_module_(comp, name, LowRankLinear.from_factors(U[:, :rank] * S[:rank], Vh[:rank], mod.bias.detach()))
+    return dense, comp
+
+
+def test_refinement_is_kept_only_where_held_out_images_say_it_pays():
+    dense, comp = _compressed_pair()
+    g = torch.Generator().manual_seed(1)
+    fit = [torch.randn(8, 3, 32, 32, generator=g) for _ in range(2)]
+    held = [torch.randn(8, 3, 32, 32, generator=g)]
+    before = {k: v.clone() for k, v in comp.state_dict().items()}
+    report = refine_(dense, comp, fit, held, RefineConfig(seq=True, recon_steps=20, recon_batch=4))
+    assert report["fit_images"] == 16 and report["heldout_images"] == 8
+    for stage, info in report["blocks"].items():
+        assert info["kept"] in ("plain", "seq", "recon", "seq+recon")
+        errors = [info[k] for k in ("plain", "seq", "recon") if k in info]
+        kept_error = info[info["kept"].split("+")[-1]] if info["kept"] != "plain" else info["plain"]
+        assert kept_error == min(errors)        # the held-out best of the candidates tried
+    after, plain = report["heldout_output_cosine_refined"], report["heldout_output_cosine_plain"]
+    if report["kept"]:
+        assert after["mean"] >= plain["mean"]
+        assert any(not torch.equal(before[k], v) for k, v in comp.state_dict().items())
+    else:   # reverted: exactly the plain factors
+        assert all(torch.equal(before[k], v) for k, v in comp.state_dict().items())
+    assert set(lowrank_layers(comp)) == {k for k in lowrank_layers(comp)}   # plan unchanged: same layers
+    for name, mod in lowrank_layers(comp).items():
+        assert mod.first.weight.shape[0] == 8
+
+
+def test_a_refinement_that_hurts_end_to_end_is_reverted(monkeypatch):
+    """Force every block to take a harmful candidate: the end-to-end held-out check restores the plain factors."""
+    import compress.refine as refine
+
+    dense, comp = _compressed_pair()
+    plain = {k: v.clone() for k, v in comp.state_dict().items()}
+
+    def harmful(dense_block, block, prefix, layers, h, ht, damping):
+        block.harmed = True
+        for mod in lowrank_layers(block).values():
+            mod.second.weight.mul_(-3.0)
+    monkeypatch.setattr(refine, "_seq_refit_", harmful)   # ... which a fooled block check accepts
+    monkeypatch.setattr(refine, "_block_error", lambda block, hs, ts: 0.0 if getattr(block, "harmed", False) else 1.0)
+    g = torch.Generator().manual_seed(2)
+    report = refine_(dense, comp, [torch.randn(4, 3, 32, 32, generator=g)], [torch.randn(4, 3, 32, 32, generator=g)],
+                     RefineConfig(seq=True))
+    assert report["kept"] is False
+    assert report["heldout_output_cosine_refined"]["mean"] < report["heldout_output_cosine_plain"]["mean"]
+    assert all(torch.equal(plain[k], v) for k, v in comp.state_dict().items())
+
+
+def test_output_cosine_mean_and_min():
+    a = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    b = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    assert output_cosine(a, b) == (pytest.approx(0.5), pytest.approx(0.0))
+
+
+def test_pipeline_holds_out_images_and_records_the_refinement(tiny_config):
+    from compress.pipeline import run
+
+    res = run(tiny_config(comp_rank=0, seq_refit=True, recon_steps=4, heldout=8, quant=False))
+    ref = res.manifest["refine"]
+    assert ref["fit_images"] == 16 and ref["heldout_images"] == 8
+    assert set(ref["blocks"]) == {"blocks.0", "blocks.1"}
+    assert res.manifest["config"]["seq_refit"] is True and "refinement" in res.manifest["timings"]
+
+
+def test_refinement_needs_held_out_images(tiny_config):
+    from compress.errors import CompressError
+
+    with pytest.raises(CompressError, match="held-out"):
+        tiny_config(seq_refit=True, heldout=0)

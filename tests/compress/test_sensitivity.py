@@ -1,0 +1,50 @@
+"""End-to-end layer sensitivity (compress/sensitivity.py): what the network amplifies keeps more rank."""
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+
+from compress.allocate import LayerCurve
+from compress.sensitivity import sensitivities, weighted_curves
+
+
+def _svd_factors(lin):
+    U, S, Vh = torch.linalg.svd(lin.weight.detach(), full_matrices=False)
+    return lambda r: (U[:, :r] * S[:r], Vh[:r])
+
+
+def test_a_layer_the_network_damps_is_far_less_sensitive():
+    torch.manual_seed(0)
+    model = timm.create_model("vit_cifar_ref", pretrained=False, depth=2, embed_dim=64, num_heads=2,
+                              init_values=1.0).eval()
+    with torch.no_grad():
+        model.blocks[0].ls1.gamma.fill_(1e-4)     # block 0's attention branch barely reaches the output
+    names = ["blocks.0.attn.proj", "blocks.0.mlp.fc2"]
+    lins = {n: model.get_submodule(n) for n in names}
+    ranks = {n: 4 for n in names}
+    errors = {n: 0.1 for n in names}
+    x = [torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    s = sensitivities(model, {n: _svd_factors(l) for n, l in lins.items()}, ranks, errors, x)
+    assert set(s) == set(names) and all(v > 0 for v in s.values())
+    assert s["blocks.0.attn.proj"] < s["blocks.0.mlp.fc2"] / 100
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())   # model restored
+
+
+def test_weighted_curves_scale_each_layer_and_default_to_the_median():
+    curves = [LayerCurve(n, 4, 4, True, (1.0, 0.5, 0.0)) for n in "abc"]
+    out = weighted_curves(curves, {"a": 2.0, "b": 4.0})
+    assert [c.curve for c in out] == [(2.0, 1.0, 0.0), (4.0, 2.0, 0.0), (3.0, 1.5, 0.0)]
+
+
+def test_pipeline_reallocates_by_sensitivity(tiny_config):
+    from compress.pipeline import run
+
+    base = run(tiny_config(comp_rank=0, quant=False, ratio=0.5))
+    res = run(tiny_config(comp_rank=0, quant=False, ratio=0.5, sensitivity_images=8))
+    sens = res.manifest["sensitivity"]
+    assert sens and all(v > 0 for v in sens.values())
+    assert res.manifest["params"]["after"] <= base.manifest["plan"]["target_params"]
+    with pytest.raises(Exception, match="sensitivity-images"):
+        tiny_config(sensitivity_images=-1)
