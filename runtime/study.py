@@ -1,226 +1,256 @@
-"""The paper's comparison on our models: every factorisation method, uniform vs mixed ranks,
-with and without compensation, at equal parameter budgets, plus INT8 on top of the default.
-With --finetune-steps N, extra rows give the default method after recovery fine-tuning
-(distillation on the calibration images, beyond the paper), labelled "+ FT(N steps)" with its cost;
-every other row, and the comparison with smaller dense models, stays without fine-tuning.
+"""The method study: every step of the compress stage on and off, at equal parameter budgets,
+scored on real labelled images the model was never calibrated on.
+
+One row per variant (``VARIANTS``: a name, what it is, the compress options it sets; every other
+option is compress's default) and budget, FP32, plus INT8 fake-quant rows for the variants in
+``--int8`` (default: compress's default configuration). Each row reports top-1 with the model's own
+head (unchanged), top-1 agreement and KL against the dense model, the cosine of the final features
+(what the head reads: the CLS token for ViTs) to the dense model's, mean and min over images, and
+the wall time of its compress run. A headless model (no classifier) gets the feature metrics only.
+``--baseline`` sets smaller dense models beside the compressed one at their parameter count.
 
 One calibration pass (compress's statistics cache serves every later configuration); the
-evaluation images are decoded once and kept as a tensor; every configuration is scored on
-them against the dense model (top-1, agreement, KL). Results: study.json, study.md and
-study.png (top-1 vs fraction of parameters removed, one line per method/allocation).
+evaluation images are decoded once. Results: study.json, study.md, study.png.
 
-    python -m runtime study --model vit_cifar_ref --data cifar10-test --out runs/study
+    python -m runtime study --model vit_small_patch14_imgfocus --pretrained --out runs/study-imgfocus
 """
 from __future__ import annotations
 
 import argparse
-import itertools
+import dataclasses
 import logging
 import shutil
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from runtime.errors import RuntimeStageError
-from runtime.evaluate import Scores, score, write_json
+from runtime.evaluate import score, write_json
 from runtime.report import atomic_write_bytes, figure_png
 
 log = logging.getLogger(__name__)
 
-METHODS = ("plain", "diag", "mean-input", "whiten")
-ALLOCATIONS = ("uniform", "mixed")
-DEFAULT = ("whiten", "mixed")
+_OFF = dict(method="whiten", allocation="mixed", comp_rank=0, seq_refit=False, recon_steps=0, finetune_steps=0)
+# name -> (what the row shows, the compress options it sets on top of _OFF)
+VARIANTS: dict[str, tuple[str, dict]] = {
+    "plain": ("plain SVD of W (baseline)", dict(method="plain")),
+    "uniform": ("whitened SVD, uniform ranks", dict(allocation="uniform")),
+    "whiten": ("whitened SVD, mixed ranks (paper §2-3)", {}),
+    "comp": ("+ rank-8 compensation (paper §4)", dict(comp_rank=8)),
+    "seq": ("+ sequential refit (held-out validated)", dict(seq_refit=True)),
+    "recon": ("+ block reconstruction (held-out validated)", dict(recon_steps=-1)),
+    "seq+recon": ("+ sequential refit + block reconstruction", dict(seq_refit=True, recon_steps=-1)),
+    "distill": ("+ distillation fine-tuning", dict(finetune_steps=-1)),
+}
+# -1 above: the study's --recon-steps / --finetune-steps
 
 
-def _floats(text: str) -> tuple[float, ...]:
-    return tuple(float(t) for t in text.split(",") if t.strip())
+def variant_options(name: str, recon_steps: int, finetune_steps: int) -> dict:
+    opts = dict(_OFF, **VARIANTS[name][1])
+    if opts["recon_steps"] < 0:
+        opts["recon_steps"] = recon_steps
+    if opts["finetune_steps"] < 0:
+        opts["finetune_steps"] = finetune_steps
+    return opts
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="vit_cifar_ref", help="timm model name (default: vit_cifar_ref)")
-    p.add_argument("--checkpoint", help="local checkpoint for --model")
-    p.add_argument("--pretrained", action="store_true", default=None,
-                   help="timm's pretrained weights (needs the model hub; bundled for vit_cifar_*)")
-    p.add_argument("--calib", help="calibration folder (default: bundled set for the model)")
-    p.add_argument("--num-calib", type=int, default=256)
-    p.add_argument("--data", default=None, help="evaluation images: folder, bundled name or cifar10-test "
-                                                "(default: cifar10-test for vit_cifar_*, else the bundled set)")
-    p.add_argument("--num", type=int, help="seeded subset of the evaluation images")
-    p.add_argument("--ratios", type=_floats, default=(0.4, 0.5, 0.6, 0.7),
-                   help="fractions of all parameters to remove, comma-separated (default: 0.4,0.5,0.6,0.7)")
-    p.add_argument("--methods", default=",".join(METHODS), help="factorisation methods, comma-separated")
-    p.add_argument("--allocations", default=",".join(ALLOCATIONS), help="rank allocations, comma-separated")
-    p.add_argument("--comp-rank", type=int, default=8, help="compensation rank for the 'with' rows")
-    p.add_argument("--no-int8", action="store_true", help="skip the INT8 rows")
-    p.add_argument("--finetune-steps", type=int, default=0, metavar="N",
-                   help="also add the default method (whiten/mixed, compensated) after N steps of recovery "
-                        "fine-tuning on the calibration images, FP32 and INT8, as extra rows labelled FT "
-                        "(0: none, the default)")
-    p.add_argument("--stats-cache", default=None, help="statistics cache dir (default: compress's)")
-    p.add_argument("--baseline", action="append", default=[], metavar="MODEL[=CHECKPOINT]",
-                   help="a smaller dense model to set against the compressed one at equal parameter count "
-                        "(repeatable), e.g. vit_cifar_narrow")
-    p.add_argument("--batch-size", type=int, default=250, help="evaluation batch size")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
-    p.add_argument("--out", type=Path, required=True, help="folder for study.json, study.md, study.png")
+def default_variant(recon_steps: int, finetune_steps: int) -> str | None:
+    """The variant equal to compress's own defaults (None if none is)."""
+    from compress.pipeline import Config
+
+    defaults = {f.name: f.default for f in dataclasses.fields(Config)}
+    for name in VARIANTS:
+        if all(defaults[k] == v for k, v in variant_options(name, recon_steps, finetune_steps).items()):
+            return name
+    return None
 
 
-def _eval_tensor(model, data: str | None, model_name: str, num: int | None):
+@dataclass(frozen=True)
+class StudyConfig:
+    model: str
+    out: Path
+    checkpoint: str | None = None
+    pretrained: bool | None = None
+    calib: str | None = None
+    num_calib: int = 256
+    data: str | None = None
+    num: int | None = None
+    ratios: tuple[float, ...] = (0.4, 0.5, 0.6, 0.7)
+    variants: tuple[str, ...] = tuple(VARIANTS)
+    int8: tuple[str, ...] | None = None      # None: the default variant
+    recon_steps: int = 100
+    finetune_steps: int = 300
+    baselines: tuple[str, ...] = ()
+    stats_cache: str | None = None
+    batch_size: int = 100
+
+    def __post_init__(self):
+        unknown = [v for v in self.variants + (self.int8 or ()) if v not in VARIANTS]
+        if unknown:
+            raise RuntimeStageError(f"unknown study variant {unknown[0]!r}; choose from {', '.join(VARIANTS)}")
+        if self.recon_steps < 1 or self.finetune_steps < 1:
+            raise RuntimeStageError("--recon-steps and --finetune-steps must be >= 1 (they size their rows)")
+
+
+def _eval_tensor(model, data: str | None, num: int | None):
     from calibration_data import make_loader
     from runtime.evaluate import resolve_data
 
-    if data is None and model_name.startswith("vit_cifar"):
-        data = "cifar10-test"
-    images = resolve_data(data, model_name, num, 0)
+    images = resolve_data(data, model, num, 0)
     xs, ys = [], []
-    for x, y in make_loader(images, model, batch_size=500):
+    for x, y in make_loader(images, model, batch_size=250):
         xs.append(x)
         ys.append(y)
     return images, torch.cat(xs), torch.cat(ys).numpy()
 
 
-def _logits(model: torch.nn.Module, x: torch.Tensor, batch_size: int) -> np.ndarray:
+def _outputs(model: torch.nn.Module, x: torch.Tensor, batch_size: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """Final features and logits (None for a headless model) on every image."""
+    from compress.models import features_and_logits
+
     model.eval()
+    feats, logits = [], []
     with torch.inference_mode():
-        return torch.cat([model(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]).numpy()
+        for i in range(0, len(x), batch_size):
+            f, z = features_and_logits(model, x[i:i + batch_size])
+            feats.append(f.float())
+            logits.append(None if z is None else z.float())
+    return torch.cat(feats).numpy(), (None if logits[0] is None else torch.cat(logits).numpy())
 
 
-def main(args: argparse.Namespace) -> int:
+def _metrics(feats, logits, labels, ref_feats, ref_logits) -> dict:
+    out = {}
+    if logits is not None:
+        s = score(logits, labels, ref_logits) if labels is not None else None
+        if s is not None:
+            out.update(top1=s.top1, top5=s.top5, agreement=s.agreement, kl=s.kl)
+    if ref_feats is not None:
+        a, b = feats.astype(np.float64), ref_feats.astype(np.float64)
+        cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-30)
+        out.update(feature_cosine=float(cos.mean()), feature_cosine_min=float(cos.min()))
+    return out
+
+
+def run_study(cfg: StudyConfig) -> dict:
+    from tqdm import tqdm
+
     from compress import load_model
     from compress.pipeline import Config, default_stats_cache, run
     from compress.quantize import apply_fake_quant_
-    from tqdm import tqdm
 
-    if args.finetune_steps < 0:
-        raise RuntimeStageError(f"--finetune-steps must be >= 0, got {args.finetune_steps}")
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    methods = [m for m in args.methods.split(",") if m]
-    allocations = [a for a in args.allocations.split(",") if a]
-    dense = load_model(args.model, checkpoint=args.checkpoint, pretrained=args.pretrained)
-    images, x, y = _eval_tensor(dense, args.data, args.model, args.num)
-    ref = _logits(dense, x, args.batch_size)
-    rows = [{"ratio": 0.0, "method": "dense", "allocation": "-", "comp_rank": 0, "int8": False,
-             "params": sum(p.numel() for p in dense.parameters()), **asdict(score(ref, y))}]
-    for spec in args.baseline:
+    dense = load_model(cfg.model, checkpoint=cfg.checkpoint, pretrained=cfg.pretrained)
+    images, x, y = _eval_tensor(dense, cfg.data, cfg.num)
+    labels = y if (y >= 0).all() else None
+    ref_f, ref_z = _outputs(dense, x, cfg.batch_size)
+    params = sum(p.numel() for p in dense.parameters())
+    rows = [{"ratio": 0.0, "variant": "dense", "int8": False, "params": params,
+             **{k: v for k, v in _metrics(ref_f, ref_z, labels, None, None).items()}}]
+    for spec in cfg.baselines:
         name, _, ckpt = spec.partition("=")
         small = load_model(name, checkpoint=ckpt or None)
-        rows.append({"ratio": None, "method": f"baseline:{name}", "allocation": "-", "comp_rank": 0,
-                     "int8": False, "params": sum(p.numel() for p in small.parameters()),
-                     **asdict(score(_logits(small, x, args.batch_size), y, ref))})
-    stats_cache = args.stats_cache or str(default_stats_cache())
-    # (ratio, method, allocation, comp_rank, int8, finetune_steps); a fine-tuned config is one compress
-    # run (the fine-tuning is its costly part) scored in FP32 and, unless --no-int8, with INT8 fake-quant
-    configs = [(*c, False, 0) for c in itertools.product(args.ratios, methods, allocations, (0, args.comp_rank))]
-    if not args.no_int8:
-        configs += [(r, *DEFAULT, args.comp_rank, True, 0) for r in args.ratios]
-    if args.finetune_steps:
-        configs += [(r, *DEFAULT, args.comp_rank, not args.no_int8, args.finetune_steps) for r in args.ratios]
+        f, z = _outputs(small, x, cfg.batch_size)
+        m = _metrics(f, z, labels, None, ref_z)   # features of another model are not comparable
+        if z is not None and labels is not None:
+            m.update(agreement=score(z, labels, ref_z).agreement)
+        rows.append({"ratio": None, "variant": f"baseline:{name}", "int8": False,
+                     "params": sum(p.numel() for p in small.parameters()), **m})
+    default = default_variant(cfg.recon_steps, cfg.finetune_steps)
+    int8 = cfg.int8 if cfg.int8 is not None else ((default,) if default else ())
+    stats_cache = cfg.stats_cache or str(default_stats_cache())
     work = Path(tempfile.mkdtemp(prefix="study-"))
+    jobs = [(r, v) for r in cfg.ratios for v in cfg.variants]
     try:
-        for cfg in tqdm(configs, desc="study", unit="config"):
-            ratio, method, allocation, comp, int8, ft = cfg
+        for ratio, variant in tqdm(jobs, desc="study", unit="config"):
+            opts = variant_options(variant, cfg.recon_steps, cfg.finetune_steps)
             t = time.perf_counter()
-            res = run(Config(model=args.model, checkpoint=args.checkpoint, pretrained=args.pretrained, calib=args.calib,
-                             num_calib=args.num_calib, ratio=ratio, method=method, allocation=allocation,
-                             comp_rank=comp, quant=int8, finetune_steps=ft, stats_cache=stats_cache,
-                             out=str(work / "c")))
+            res = run(Config(model=cfg.model, checkpoint=cfg.checkpoint, pretrained=cfg.pretrained, calib=cfg.calib,
+                             num_calib=cfg.num_calib, ratio=ratio, quant=variant in int8, stats_cache=stats_cache,
+                             out=str(work / "c"), **opts))
             seconds = time.perf_counter() - t
             model, m = res.model, res.manifest
-            for fake_quant in ((False, True) if ft and int8 else (int8,)):
+            refine = m.get("refine") or {}
+            kept = [b.get("kept") for b in refine.get("blocks", {}).values() if b.get("kept")]
+            for fake_quant in ((False, True) if variant in int8 else (False,)):
                 if fake_quant:
                     apply_fake_quant_(model, m["quant"]["act_ranges"])
-                s: Scores = score(_logits(model, x, args.batch_size), y, ref)
-                rows.append({"ratio": ratio, "method": method, "allocation": allocation, "comp_rank": comp,
-                             "int8": fake_quant, "params": m["params"]["after"],
-                             "removed": m["params"]["removed_ratio"], "sum_error": m["errors"]["sum_svd"],
-                             "compress_seconds": round(seconds, 1), **asdict(s)})
-                if ft:
-                    f = m["finetune"]
-                    rows[-1].update(finetune_steps=ft, finetune_lr=f["lr"], finetune_seconds=round(f["seconds"], 1),
-                                    finetune_images=f["images"])
+                f, z = _outputs(model, x, cfg.batch_size)
+                rows.append({"ratio": ratio, "variant": variant, "int8": fake_quant, "params": m["params"]["after"],
+                             "removed": m["params"]["removed_ratio"], "compress_seconds": round(seconds, 1),
+                             "refine_kept": kept or None, "refine_reverted": (not refine["kept"]) if refine else None,
+                             **_metrics(f, z, labels, ref_f, ref_z)})
                 log.info("%s", rows[-1])
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    result = {"model": args.model, "checkpoint": args.checkpoint, "data": images.root,
-              "num_images": len(y), "num_calib": args.num_calib, "rows": rows}
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_json(args.out / "study.json", result)
-    atomic_write_bytes(args.out / "study.md", format_markdown(result).encode())
-    plot(result, args.out / "study.png")
-    print(format_markdown(result))
-    return 0
+    return {"model": cfg.model, "checkpoint": cfg.checkpoint, "data": images.root, "num_images": len(x),
+            "num_calib": cfg.num_calib, "default_variant": default, "recon_steps": cfg.recon_steps,
+            "finetune_steps": cfg.finetune_steps, "variants": {k: VARIANTS[k][0] for k in cfg.variants},
+            "rows": rows}
 
 
-def _is_config(row: dict) -> bool:
-    return row["method"] != "dense" and not row["method"].startswith("baseline:")
+def write(result: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "study.json", result)
+    atomic_write_bytes(out / "study.md", format_markdown(result).encode())
+    plot(result, out / "study.png")
 
 
-def _ft(row: dict) -> int:
-    """Fine-tuning steps of a row (0: the paper's setting, no fine-tuning; older study.json lack the key)."""
-    return row.get("finetune_steps", 0)
+# ----------------------------------------------------------------------------- tables and plot
+def _configs(rows: list[dict]) -> list[dict]:
+    return [r for r in rows if r["ratio"] and not r["variant"].startswith("baseline:")]
 
 
-def _key(row: dict) -> tuple:
-    return row["method"], row["allocation"], row["comp_rank"], row["int8"], _ft(row)
+def _label(result: dict, variant: str, int8: bool) -> str:
+    desc = result["variants"].get(variant, variant)
+    return (f"{variant}{' + INT8' if int8 else ''}{' (default)' if variant == result.get('default_variant') else ''}"
+            f" | {desc}")
 
 
-def _label(method: str, int8: bool, ft: int) -> str:
-    return f"{method}{f' + FT({ft} steps)' if ft else ''}{' + INT8' if int8 else ''}"
+def _table(result: dict, title: str, cell) -> list[str]:
+    rows = _configs(result["rows"])
+    ratios = sorted({r["ratio"] for r in rows})
+    keys = []
+    for r in rows:
+        if (r["variant"], r["int8"]) not in keys:
+            keys.append((r["variant"], r["int8"]))
+    out = [title, "", "| variant | what | " + " | ".join(f"{100 * r:.0f}% fewer" for r in ratios) + " |",
+           "|---|---|" + "---:|" * len(ratios)]
+    for variant, int8 in keys:
+        cells = []
+        for ratio in ratios:
+            hit = [r for r in rows if (r["variant"], r["int8"], r["ratio"]) == (variant, int8, ratio)]
+            cells.append(cell(hit[0]) if hit else "-")
+        out.append(f"| {_label(result, variant, int8)} | " + " | ".join(cells) + " |")
+    return out + [""]
 
 
 def format_markdown(result: dict) -> str:
-    rows = result["rows"]
-    dense = rows[0]
-    ratios = sorted({r["ratio"] for r in rows if _is_config(r)})
-    head = ("| method | allocation | compensation | " + " | ".join(f"{100 * r:.0f}% fewer" for r in ratios) + " |")
-    out = [f"Top-1 % on {result['num_images']} images of {result['data']} (dense: "
-           f"{100 * dense['top1']:.2f}%, {dense['params']:,} parameters), {result['num_calib']} calibration images, "
-           "no fine-tuning" + (" except the extra rows marked FT (recovery fine-tuning by distillation on the "
-                               "calibration images, beyond the paper; cost below)" if any(_ft(r) for r in rows)
-                               else "") + ". Cells: top-1 (agreement with dense).", "", head,
-           "|---|---|---|" + "---|" * len(ratios)]
-    keys = sorted({_key(r) for r in rows if _is_config(r)},
-                  key=lambda k: (k[4], k[3], METHODS.index(k[0]) if k[0] in METHODS else 9, k[1], k[2]))
-    for key in keys:
-        method, alloc, comp, int8, ft = key
-        cells = []
-        for ratio in ratios:
-            hit = [r for r in rows if _is_config(r) and _key(r) == key and r["ratio"] == ratio]
-            cells.append(f"{100 * hit[0]['top1']:.2f} ({100 * hit[0]['agreement']:.1f})" if hit else "-")
-        out.append(f"| {_label(method, int8, ft)} | {alloc} | {'q=' + str(comp) if comp else 'off'} | "
-                   + " | ".join(cells) + " |")
-    tuned = [r for r in rows if _is_config(r) and _ft(r)]
-    if tuned:
-        out += ["", "Cost of the recovery fine-tuning (FT rows only; seconds of distillation inside compress, "
-                "on this machine):", "", "| variant | " + " | ".join(f"{100 * r:.0f}% fewer" for r in ratios) + " |",
-                "|---|" + "---|" * len(ratios)]
-        for key in sorted({_key(r) for r in tuned}, key=lambda k: (k[3], k[4])):
-            cells = []
-            for ratio in ratios:
-                hit = [r for r in tuned if _key(r) == key and r["ratio"] == ratio]
-                cells.append(f"{hit[0]['finetune_seconds']:.1f} s ({hit[0]['finetune_images']} images, "
-                             f"lr {hit[0]['finetune_lr']:g})" if hit else "-")
-            out.append(f"| {_label(key[0], key[3], key[4])} | " + " | ".join(cells) + " |")
-    baselines = [r for r in rows if r["method"].startswith("baseline:")]
-    if baselines:
-        out += ["", "Compressed model (default method) vs smaller dense models, same images, by parameter count:",
-                "", "| model | parameters | top-1 % |", "|---|---:|---:|"]
-        best = [r for r in rows if _is_config(r) and (r["method"], r["allocation"]) == DEFAULT and r["comp_rank"]
-                and not _ft(r)]
-        for r in sorted([dense] + best + baselines, key=lambda r: -r["params"]):
-            if r["method"] == "dense":
-                label = f"{result['model']} (dense)"
-            elif r in baselines:
-                label = f"{r['method'].split(':', 1)[1]} (dense, trained with the same recipe)"
-            else:
-                label = f"{result['model']} {100 * r['ratio']:.0f}% fewer{' + INT8' if r['int8'] else ''}"
-            out.append(f"| {label} | {r['params']:,} | {100 * r['top1']:.2f} |")
-    return "\n".join(out) + "\n"
+    dense = result["rows"][0]
+    has_top1 = "top1" in dense
+    head = (f"{result['model']} on {result['num_images']:,} images of {result['data']} (never calibrated on); "
+            f"{result['num_calib']} calibration images; dense: "
+            + (f"top-1 {100 * dense['top1']:.2f}%, " if has_top1 else "headless (feature metrics only), ")
+            + f"{dense['params']:,} parameters. Block reconstruction: {result['recon_steps']} steps per block; "
+              f"distillation: {result['finetune_steps']} steps.")
+    out = [head, ""]
+    if has_top1:
+        out += _table(result, "Top-1 % with the dense model's head, unchanged (agreement with dense %):",
+                      lambda r: f"{100 * r['top1']:.2f} ({100 * r['agreement']:.1f})")
+    out += _table(result, "Final-feature cosine to dense, mean / min over images:",
+                  lambda r: f"{r['feature_cosine']:.3f} / {r['feature_cosine_min']:.2f}")
+    out += _table(result, "Wall time of the compress stage, s (statistics from the cache after the first run):",
+                  lambda r: f"{r['compress_seconds']:.0f}")
+    base = [r for r in result["rows"] if r["variant"].startswith("baseline:")]
+    if base and has_top1:
+        out += ["Smaller dense models at their own parameter count (same images):", "",
+                "| model | parameters | top-1 % |", "|---|---:|---:|"]
+        for r in base:
+            out.append(f"| {r['variant'].split(':', 1)[1]} | {r['params']:,} | {100 * r['top1']:.2f} |")
+        out.append("")
+    return "\n".join(out)
 
 
 def plot(result: dict, path: Path) -> None:
@@ -229,26 +259,76 @@ def plot(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = result["rows"]
-    dense = rows[0]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    groups = sorted({_key(r) for r in rows if _is_config(r)})
-    for key in groups:
-        method, alloc, comp, int8, ft = key
-        pts = sorted((r["ratio"], r["top1"]) for r in rows if _is_config(r) and _key(r) == key)
-        style = "--" if ft else "-" if alloc == "mixed" else ":"
-        ax.plot([100 * p[0] for p in pts], [100 * p[1] for p in pts], style, marker="o" if comp else "x",
-                label=f"{method}/{alloc}/{'comp' if comp else 'no comp'}{'/INT8' if int8 else ''}"
-                      f"{f'/FT {ft} steps' if ft else ''}")
-    ax.axhline(100 * dense["top1"], color="k", lw=1, label="dense")
+    rows = _configs(result["rows"])
+    dense = result["rows"][0]
+    metrics = ([("top1", "top-1 % (dense head)")] if "top1" in dense else []) + [("feature_cosine",
+                                                                                  "final-feature cosine to dense")]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(6.5 * len(metrics), 4.5), squeeze=False)
+    keys = []
     for r in rows:
-        if r["method"].startswith("baseline:"):
-            ax.plot([100 * (1 - r["params"] / dense["params"])], [100 * r["top1"]], "k*", ms=10,
-                    label=f"{r['method'].split(':', 1)[1]} (smaller dense)")
-    ax.set_xlabel("% of all parameters removed")
-    ax.set_ylabel("top-1 %")
-    ax.set_title(f"{result['model']}: accuracy vs compression (no fine-tuning"
-                 + (", except dashed FT lines)" if any(_ft(r) for r in rows) else ")"))
-    ax.legend(fontsize=6, ncol=2)
+        if (r["variant"], r["int8"]) not in keys:
+            keys.append((r["variant"], r["int8"]))
+    for ax, (metric, label) in zip(axes[0], metrics):
+        for variant, int8 in keys:
+            pts = sorted((r["ratio"], r[metric]) for r in rows if (r["variant"], r["int8"]) == (variant, int8))
+            scale = 100 if metric == "top1" else 1
+            ax.plot([100 * p[0] for p in pts], [scale * p[1] for p in pts], "--" if int8 else "-", marker="o",
+                    lw=2.5 if variant == result.get("default_variant") else 1.2,
+                    label=f"{variant}{' INT8' if int8 else ''}")
+        if metric == "top1":
+            ax.axhline(100 * dense["top1"], color="k", lw=1, label="dense")
+        ax.set_xlabel("% of all parameters removed")
+        ax.set_ylabel(label)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{result['model']}: every step on/off at equal budgets (thick: the default)")
     fig.tight_layout()
-    atomic_write_bytes(path, figure_png(fig, dpi=120))
+    atomic_write_bytes(path, figure_png(fig, dpi=110))
+
+
+# ----------------------------------------------------------------------------- CLI
+def _floats(text: str) -> tuple[float, ...]:
+    return tuple(float(t) for t in text.split(",") if t.strip())
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(t for t in text.split(",") if t)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="vit_cifar_ref", help="timm model name (default: vit_cifar_ref)")
+    p.add_argument("--checkpoint", help="local checkpoint for --model")
+    p.add_argument("--pretrained", action="store_true", default=None,
+                   help="pretrained weights (bundled for vit_cifar_*, the converted cache for the zoo models)")
+    p.add_argument("--calib", help="calibration images (default: the model's own set)")
+    p.add_argument("--num-calib", type=int, default=256)
+    p.add_argument("--data", default=None, help="evaluation images: folder, bundled name or cifar10:test "
+                                                "(default: the model's own evaluation set)")
+    p.add_argument("--num", type=int, help="seeded subset of the evaluation images")
+    p.add_argument("--ratios", type=_floats, default=(0.4, 0.5, 0.6, 0.7),
+                   help="fractions of all parameters to remove, comma-separated (default: 0.4,0.5,0.6,0.7)")
+    p.add_argument("--variants", type=_names, default=tuple(VARIANTS),
+                   help=f"rows, comma-separated (default: all of {', '.join(VARIANTS)})")
+    p.add_argument("--int8", type=_names, default=None,
+                   help="variants that also get an INT8 fake-quant row (default: compress's default one; '' none)")
+    p.add_argument("--recon-steps", type=int, default=100, help="block-reconstruction steps of the recon rows")
+    p.add_argument("--finetune-steps", type=int, default=300, help="distillation steps of the distill row")
+    p.add_argument("--stats-cache", default=None, help="statistics cache dir (default: compress's)")
+    p.add_argument("--baseline", action="append", default=[], metavar="MODEL[=CHECKPOINT]",
+                   help="a smaller dense model to set against the compressed one (repeatable)")
+    p.add_argument("--batch-size", type=int, default=100, help="evaluation batch size")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
+    p.add_argument("--out", type=Path, required=True, help="folder for study.json, study.md, study.png")
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    cfg = StudyConfig(model=args.model, out=args.out, checkpoint=args.checkpoint, pretrained=args.pretrained,
+                      calib=args.calib, num_calib=args.num_calib, data=args.data, num=args.num, ratios=args.ratios,
+                      variants=args.variants, int8=args.int8, recon_steps=args.recon_steps,
+                      finetune_steps=args.finetune_steps, baselines=tuple(args.baseline),
+                      stats_cache=args.stats_cache, batch_size=args.batch_size)
+    result = run_study(cfg)
+    write(result, args.out)
+    print(format_markdown(result))
+    return 0

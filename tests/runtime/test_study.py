@@ -1,5 +1,5 @@
-"""The method study on the bundled reference model: every configuration scored, tables and plot
-written, the smaller dense baseline set beside the compressed model."""
+"""The method study on the bundled reference model: every variant scored at its budget, tables and
+plot written, the default marked, the smaller dense baseline set beside the compressed model."""
 from __future__ import annotations
 
 import json
@@ -10,6 +10,7 @@ from safetensors.torch import save_file
 
 import compress.reference_model  # noqa: F401  (registers vit_cifar_*)
 from runtime import study
+from runtime.errors import RuntimeStageError
 
 
 @pytest.fixture(scope="module")
@@ -20,68 +21,68 @@ def study_result(tmp_path_factory):
     parser = __import__("argparse").ArgumentParser()
     study.add_arguments(parser)
     args = parser.parse_args(["--model", "vit_cifar_ref", "--data", "cifar10-eval", "--num", "300",
-                              "--num-calib", "64", "--ratios", "0.6", "--methods", "plain,whiten",
-                              "--allocations", "mixed", "--comp-rank", "8", "--stats-cache", str(tmp / "cache"),
+                              "--num-calib", "64", "--ratios", "0.6", "--variants", "plain,whiten,comp,seq",
+                              "--int8", "whiten", "--stats-cache", str(tmp / "cache"),
                               "--baseline", f"vit_cifar_narrow={tmp / 'narrow.safetensors'}",
                               "--out", str(tmp / "out")])
     assert study.main(args) == 0
     return json.loads((tmp / "out" / "study.json").read_text()), tmp / "out"
 
 
-def test_every_configuration_is_scored_at_its_budget(study_result):
+def test_every_variant_is_scored_at_its_budget(study_result):
     result, out = study_result
     rows = result["rows"]
     dense = rows[0]
-    assert dense["method"] == "dense" and dense["top1"] > 0.3      # the bundled weights are trained
-    configs = [r for r in rows if study._is_config(r)]
-    keys = {(r["method"], r["comp_rank"], r["int8"]) for r in configs}
-    assert keys == {("plain", 0, False), ("plain", 8, False), ("whiten", 0, False), ("whiten", 8, False),
-                    ("whiten", 8, True)}
+    assert dense["variant"] == "dense" and dense["top1"] > 0.3      # the bundled weights are trained
+    configs = study._configs(rows)
+    assert {(r["variant"], r["int8"]) for r in configs} == {("plain", False), ("whiten", False), ("comp", False),
+                                                            ("seq", False), ("whiten", True)}
     for r in configs:
         assert r["params"] <= round(0.4 * dense["params"]) + 1          # budget met: 60% fewer
         assert 0.0 <= r["top1"] <= 1.0 and 0.0 <= r["agreement"] <= 1.0
-    by = {(r["method"], r["comp_rank"], r["int8"]): r for r in configs}
+        assert -1.0 <= r["feature_cosine_min"] <= r["feature_cosine"] <= 1.0 + 1e-9
+        assert r["compress_seconds"] > 0
+    by = {(r["variant"], r["int8"]): r for r in configs}
     # activation-aware whitening stays far closer to the dense model than plain SVD (measured:
     # KL ~20x lower at 60% fewer parameters)
-    assert by["whiten", 0, False]["kl"] < by["plain", 0, False]["kl"] / 5
-    assert by["whiten", 0, False]["agreement"] > by["plain", 0, False]["agreement"]
+    assert by["whiten", False]["kl"] < by["plain", False]["kl"] / 5
+    assert by["whiten", False]["feature_cosine"] > by["plain", False]["feature_cosine"]
+    assert by["seq", False]["refine_kept"] is not None        # the refinement says what each block kept
     md = (out / "study.md").read_text()
-    assert "| whiten + INT8 | mixed | q=8 |" in md and "60% fewer" in md
+    assert "| whiten + INT8 |" in md and "60% fewer" in md and "Final-feature cosine" in md
     assert (out / "study.png").stat().st_size > 10_000
+
+
+def test_the_default_row_is_compress_s_own_defaults():
+    from compress.pipeline import Config
+
+    name = study.default_variant(100, 300)
+    defaults = {k: getattr(Config(model="m", out="o", ratio=0.5), k) for k in study._OFF}
+    assert name is not None
+    assert study.variant_options(name, 100, 300).items() <= {**defaults, "recon_steps": defaults["recon_steps"]}.items()
 
 
 def test_smaller_dense_baseline_is_reported_by_parameter_count(study_result):
     result, out = study_result
-    base = [r for r in result["rows"] if r["method"] == "baseline:vit_cifar_narrow"]
+    base = [r for r in result["rows"] if r["variant"] == "baseline:vit_cifar_narrow"]
     assert len(base) == 1
     narrow = timm.create_model("vit_cifar_narrow")
     assert base[0]["params"] == sum(p.numel() for p in narrow.parameters())
-    md = (out / "study.md").read_text()
-    assert "vit_cifar_narrow (dense, trained with the same recipe)" in md
-    assert f"{base[0]['params']:,}" in md
+    assert f"| vit_cifar_narrow | {base[0]['params']:,} |" in (out / "study.md").read_text()
 
 
-def test_finetuned_rows_are_extra_rows_labelled_with_their_cost(tmp_path):
-    """FT rows get their own labelled lines and a cost table; the no-fine-tuning rows and the
-    comparison with smaller dense models are unchanged by them (no model is run: rows are given)."""
-    score = dict(top1=0.7, top5=0.97, agreement=0.98, cosine=0.999, kl=0.001)
-    row = dict(ratio=0.6, method="whiten", allocation="mixed", comp_rank=8, params=1_000_000, **score)
-    ft = dict(finetune_steps=200, finetune_lr=3e-5, finetune_seconds=45.6, finetune_images=256)
-    rows = [dict(ratio=0.0, method="dense", allocation="-", comp_rank=0, int8=False, params=2_700_000,
-                 **dict(score, top1=0.71)),
-            dict(row, int8=False, top1=0.706), dict(row, int8=True, top1=0.705),
-            dict(row, int8=False, top1=0.7075, **ft), dict(row, int8=True, top1=0.7071, **ft),
-            dict(ratio=None, method="baseline:vit_cifar_narrow", allocation="-", comp_rank=0, int8=False,
-                 params=1_200_000, **score)]
-    result = {"model": "vit_cifar_ref", "data": "x", "num_images": 2000, "num_calib": 256, "rows": rows}
+def test_unknown_variant_is_refused():
+    with pytest.raises(RuntimeStageError, match="unknown study variant 'nope'"):
+        study.StudyConfig(model="vit_cifar_ref", out="x", variants=("nope",))
+
+
+def test_headless_results_get_feature_tables_only(tmp_path):
+    rows = [dict(ratio=0.0, variant="dense", int8=False, params=100),
+            dict(ratio=0.5, variant="whiten", int8=False, params=50, removed=0.5, compress_seconds=3.0,
+                 feature_cosine=0.91, feature_cosine_min=0.5)]
+    result = {"model": "m", "data": "d", "num_images": 10, "num_calib": 8, "default_variant": "whiten",
+              "recon_steps": 1, "finetune_steps": 1, "variants": {"whiten": "w"}, "rows": rows}
     md = study.format_markdown(result)
-    assert "| whiten | mixed | q=8 | 70.60 (98.0) |" in md and "| whiten + INT8 | mixed | q=8 | 70.50 (98.0) |" in md
-    assert "| whiten + FT(200 steps) | mixed | q=8 | 70.75 (98.0) |" in md
-    assert "| whiten + FT(200 steps) + INT8 | mixed | q=8 | 70.71 (98.0) |" in md
-    assert "45.6 s (256 images, lr 3e-05)" in md and "except the extra rows marked FT" in md
-    baseline_table = md.split("smaller dense models")[1]
-    assert "FT" not in baseline_table and "60% fewer + INT8 | 1,000,000 | 70.50" in baseline_table
-    without = study.format_markdown(dict(result, rows=[r for r in rows if "finetune_steps" not in r]))
-    assert "FT" not in without and "no fine-tuning." in without
+    assert "Top-1" not in md and "headless" in md and "| whiten (default) | w | 0.910 / 0.50 |" in md
     study.plot(result, tmp_path / "s.png")
-    assert (tmp_path / "s.png").stat().st_size > 10_000
+    assert (tmp_path / "s.png").stat().st_size > 5_000
