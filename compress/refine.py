@@ -165,6 +165,16 @@ def output_cosine(y: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
 
 
 @torch.no_grad()
+def heldout_cosine(dense: nn.Module, model: nn.Module, images: list[torch.Tensor]) -> tuple[float, float]:
+    """Mean and min final-feature cosine of ``model`` to ``dense`` on batches of preprocessed images."""
+    from .models import features_and_logits
+
+    ref = torch.cat([features_and_logits(dense, x)[0] for x in images])
+    ours = torch.cat([features_and_logits(model, x)[0] for x in images])
+    return output_cosine(ours, ref)
+
+
+@torch.no_grad()
 def refine_(dense: nn.Module, compressed: nn.Module, fit_images: list[torch.Tensor],
             heldout_images: list[torch.Tensor], cfg: RefineConfig) -> dict:
     """Run the pass (module docstring) on batches of preprocessed images; edits ``compressed`` in place."""

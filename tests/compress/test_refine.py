@@ -117,3 +117,21 @@ def test_refinement_needs_held_out_images(tiny_config):
 
     with pytest.raises(CompressError, match="held-out"):
         tiny_config(seq_refit=True, heldout=0)
+
+
+def test_compensation_is_dropped_when_the_svd_at_full_width_does_better_on_held_out_images(tiny_config, monkeypatch):
+    """The check compares with the whitened SVD at width r + q (same parameters) and keeps the better."""
+    import compress.refine as refine
+    from compress.pipeline import run
+
+    res = run(tiny_config(comp_rank=8, heldout=8, quant=False))
+    check = res.manifest["compensation_check"]
+    better = check["heldout_cosine_compensated"]["mean"] >= check["heldout_cosine_svd_full_width"]["mean"]
+    assert check["kept"] is better
+    calls = iter([(0.5, 0.1), (0.9, 0.5)])     # compensated worse than the SVD at full width
+    monkeypatch.setattr(refine, "heldout_cosine", lambda d, m, h: next(calls))
+    res = run(tiny_config(comp_rank=8, heldout=8, quant=False, out=tiny_config().out + "2"))
+    assert res.manifest["compensation_check"]["kept"] is False
+    for name, mod in lowrank_layers(res.model).items():
+        lp = next(l for l in res.manifest["plan"]["layers"] if l["name"] == name)
+        assert mod.first.weight.shape[0] == lp["rank"] + lp["comp_rank"]
