@@ -7,11 +7,13 @@ import sys
 
 from cliutil import OneLineParser, reserve_output, run_cli
 from .errors import CompressError
+from .options import add_model_options, model_options
 
 
 def add_weights_arguments(g) -> None:
     """--model, --checkpoint and --pretrained/--random-init (shared with runtime sweep and fit)."""
-    g.add_argument("--model", required=True, help="timm model name (e.g. deit_tiny_patch16_224, vit_cifar_ref)")
+    g.add_argument("--model", required=True, help="timm model name (e.g. deit_tiny_patch16_224, vit_cifar_ref), "
+                                                  "or a user entry point package.module:function / file.py:function")
     g.add_argument("--checkpoint", help="local weights: .safetensors or a torch file (weights_only)")
     w = g.add_mutually_exclusive_group()
     w.add_argument("--pretrained", dest="pretrained", action="store_const", const=True, default=None,
@@ -28,6 +30,7 @@ def get_parser() -> argparse.ArgumentParser:
                     "Writes DIR/{manifest.json, weights.safetensors, report.md, ranks.png}.")
     g = p.add_argument_group("model")
     add_weights_arguments(g)
+    add_model_options(g)
     g.add_argument("--include-head", action="store_true", help="also factorise the classifier head")
     g = p.add_argument_group("calibration")
     g.add_argument("--calib", help="image folder (flat or one subfolder per class); default: the bundled "
@@ -113,7 +116,7 @@ def config_from_args(args: argparse.Namespace):
     from .pipeline import Config, default_stats_cache
 
     cache = None if args.no_stats_cache else (args.stats_cache or str(default_stats_cache()))
-    return Config(model=args.model, out=args.out, checkpoint=args.checkpoint, pretrained=args.pretrained,
+    return Config(model=args.model, out=args.out, **model_options(args), checkpoint=args.checkpoint, pretrained=args.pretrained,
                   calib=args.calib, num_calib=args.num_calib, batch_size=args.batch_size, seed=args.seed,
                   ratio=args.ratio, params=args.params, size_mb=args.size_mb, method=args.method,
                   allocation=args.allocation, granule=args.granule, comp_rank=args.comp_rank,
@@ -156,7 +159,11 @@ def _print_summary(result) -> None:
     print(f"{m['model']['name']}: {p['before']:,} -> {p['after']:,} parameters "
           f"({p['removed_ratio']:.1%} of the model, {p['compressible_removed_ratio']:.1%} of compressible layers)")
     ag = m["agreement"].get("compressed_fp32_vs_dense")
-    if ag:
+    if ag and ag.get("top1_agreement") is None:   # headless: final-feature agreement
+        i8 = m["agreement"].get("compressed_int8_vs_dense")
+        print(f"final-feature cosine with the dense model on the calibration images: {ag['cosine']:.4f} (fp32)"
+              + (f", {i8['cosine']:.4f} (int8)" if i8 else ""))
+    elif ag:
         print(f"top-1 agreement with the dense model on the calibration images: {ag['top1_agreement']:.1%} (fp32)"
               + (f", {m['agreement']['compressed_int8_vs_dense']['top1_agreement']:.1%} (int8)"
                  if "compressed_int8_vs_dense" in m["agreement"] else ""))

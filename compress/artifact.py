@@ -6,7 +6,7 @@
     out_dir/report.md           human summary;  out_dir/ranks.png  rank per layer
 
 ``load_compressed`` needs nothing else: it builds ``timm.create_model(name, pretrained=False,
-**kwargs)``, puts a LowRankLinear of the recorded shape at every factorised layer and loads
+**kwargs)`` (or calls the recorded entry point), applies the family's rewrite (compress.models.prepare), puts a LowRankLinear of the recorded shape at every factorised layer and loads
 the weights strictly, so outputs are bit-identical to the model that was saved.
 Writes are atomic: everything goes to a temporary sibling directory that replaces
 ``out_dir`` in one swap (cliutil.staging_dir), so an interrupted run never leaves a half-written
@@ -244,17 +244,24 @@ def read_manifest(path: str | Path) -> dict:
 
 
 def build_architecture(manifest: dict) -> nn.Module:
-    """The compressed architecture with uninitialised-weights semantics (weights to be loaded)."""
-    import timm
-
+    """The compressed architecture with uninitialised-weights semantics (weights to be loaded): the
+    recorded builder (timm name or entry point) and kwargs, the family's rewrite, the recorded
+    preprocessing, and a LowRankLinear of the recorded shape at every factorised layer."""
     from . import reference_model  # noqa: F401  (registers the bundled models)
+    from .models import adapter_for, apply_preprocessing, build_raw, resolve_preprocessing
 
     spec = manifest["model"]
     try:
         with torch.random.fork_rng(devices=[]):  # the throwaway init must not disturb the caller's RNG
-            model = timm.create_model(spec["name"], pretrained=False, **spec.get("kwargs", {}))
+            model, _ = build_raw(spec["name"], spec.get("kwargs") or {})
+    except CompressError as e:
+        raise CompressError(f"cannot build {spec.get('name')!r} from the manifest: {e}") from None
     except Exception as e:  # noqa: BLE001 - unknown name / kwargs in a foreign manifest
         raise CompressError(f"cannot build {spec.get('name')!r} from the manifest: {e}") from None
+    adapter = adapter_for(model)
+    model = adapter.prepare_(model).float()
+    apply_preprocessing(model, spec.get("preprocessing") or
+                        resolve_preprocessing(model, adapter, spec.get("data_config") or {}, spec["name"]))
     for name, l in manifest["layers"].items():
         if l.get("dense"):
             continue

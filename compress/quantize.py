@@ -34,9 +34,12 @@ _EPS = 1e-12
 
 
 def quantizable_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """Every LowRankLinear and every nn.Linear not inside one, by qualified name, in module order."""
+    """Every LowRankLinear and every nn.Linear not inside one, by qualified name, in module order
+    (except Linears that multiply constants, not tokens: compress.models.excluded_linears)."""
+    from .models import excluded_linears
+
     out: dict[str, nn.Module] = {}
-    inside: set[str] = set()
+    inside: set[str] = set(excluded_linears(model))
     for name, m in model.named_modules():
         if isinstance(m, LowRankLinear):
             out[name] = m
@@ -308,23 +311,26 @@ def remove_fake_quant_(model: nn.Module) -> nn.Module:
 
 @dataclass(frozen=True)
 class OutputError:
-    """How far outputs y' are from reference outputs y (logits over the same images)."""
+    """How far outputs y' are from reference outputs y over the same images: logits, or the pooled
+    features of a headless model (then no top-1 agreement: an argmax over features means nothing)."""
     rel_error: float     # ||y' - y||_F / ||y||_F
     cosine: float        # mean per-image cosine similarity
-    top1_agreement: float
+    top1_agreement: float | None
     images: int
+    outputs: str = "logits"
 
     def to_dict(self) -> dict:
         return {"rel_error": self.rel_error, "cosine": self.cosine,
-                "top1_agreement": self.top1_agreement, "images": self.images}
+                "top1_agreement": self.top1_agreement, "images": self.images, "outputs": self.outputs}
 
 
-def output_error(y: torch.Tensor, ref: torch.Tensor) -> OutputError:
-    y, ref = y.double(), ref.double()
+def output_error(y: torch.Tensor, ref: torch.Tensor, outputs: str = "logits") -> OutputError:
+    """``outputs``: "logits", or "features" for a headless model (compress.models.ModelSpec.outputs)."""
+    y, ref = y.double().flatten(1), ref.double().flatten(1)
     rel = float((y - ref).norm() / ref.norm().clamp_min(_EPS))
     cos = float(torch.nn.functional.cosine_similarity(y, ref, dim=1).mean())
-    agree = float((y.argmax(1) == ref.argmax(1)).double().mean())
-    return OutputError(rel, cos, agree, len(y))
+    agree = float((y.argmax(1) == ref.argmax(1)).double().mean()) if outputs == "logits" else None
+    return OutputError(rel, cos, agree, len(y), outputs)
 
 
 @torch.no_grad()
@@ -336,7 +342,8 @@ def model_outputs(model: nn.Module, batches: Iterable, device: str = "cpu") -> t
 
 @torch.no_grad()
 def fake_quant_error(model: nn.Module, ranges: dict[str, dict], batches: Iterable,
-                     reference: torch.Tensor | None = None, device: str = "cpu") -> tuple[OutputError, torch.Tensor]:
+                     reference: torch.Tensor | None = None, device: str = "cpu",
+                     outputs: str = "logits") -> tuple[OutputError, torch.Tensor]:
     """Output error of the fake-quantized model against its float outputs (or ``reference``)."""
     if reference is None:
         reference = model_outputs(model, batches, device)
@@ -345,4 +352,4 @@ def fake_quant_error(model: nn.Module, ranges: dict[str, dict], batches: Iterabl
         y = model_outputs(model, batches, device)
     finally:
         remove_fake_quant_(model)
-    return output_error(y, reference), y
+    return output_error(y, reference, outputs), y

@@ -77,9 +77,26 @@ def _block_error(block: nn.Module, hs: list[torch.Tensor], targets: list[torch.T
     return num / den if den > 0 else 0.0
 
 
-def _seq_refit_(dense_block: nn.Module, block: nn.Module, prefix: str, layers: list[str], h: list, ht: list,
-                damping: float) -> None:
-    """Refit each LowRankLinear of ``block`` (names relative to the model) in forward order, in place."""
+def _dense_pass(dense_block: nn.Module, prefix: str, layers: list[str], h: list) -> tuple[list, dict]:
+    """The dense block's outputs on ``h`` and, per batch, the inputs X of each of its ``layers``."""
+    inputs: dict[str, list[torch.Tensor]] = {l: [] for l in layers}
+    hooks = [dense_block.get_submodule(l[len(prefix) + 1:]).register_forward_pre_hook(
+        lambda _m, i, l=l: inputs[l].append(i[0].reshape(-1, i[0].shape[-1]))) for l in layers]
+    try:
+        with torch.no_grad():
+            outs = [dense_block(x) for x in h]
+    finally:
+        for hk in hooks:
+            hk.remove()
+    return outs, inputs
+
+
+def _seq_refit_(dense_block: nn.Module, block: nn.Module, prefix: str, layers: list[str], inputs: dict,
+                ht: list, damping: float) -> None:
+    """Refit each LowRankLinear of ``block`` (names relative to the model) in forward order, in place.
+
+    ``inputs[layer]``: the dense inputs X of the layer, per batch of ``ht`` (from ``_dense_pass``).
+    """
     for full in layers:
         rel = full[len(prefix) + 1:]
         lin = dense_block.get_submodule(rel)
@@ -90,18 +107,15 @@ def _seq_refit_(dense_block: nn.Module, block: nn.Module, prefix: str, layers: l
         Ct = torch.zeros(n, n, dtype=torch.float64)
         D = torch.zeros(n, n, dtype=torch.float64)
         got: dict[str, torch.Tensor] = {}
-        hooks = [lin.register_forward_pre_hook(lambda _m, i: got.__setitem__("x", i[0].reshape(-1, n))),
-                 mod.register_forward_pre_hook(lambda _m, i: got.__setitem__("xt", i[0].reshape(-1, n)))]
+        hook = mod.register_forward_pre_hook(lambda _m, i: got.__setitem__("xt", i[0].reshape(-1, n)))
         try:
             with torch.no_grad():
-                for x, xt in zip(h, ht):
-                    dense_block(x)
+                for x, xt in zip(inputs[full], ht):
                     block(xt)
                     accumulate_gram(Ct, got["xt"])
-                    accumulate_gram(D, got["x"], got["xt"])
+                    accumulate_gram(D, x, got["xt"])
         finally:
-            for hk in hooks:
-                hk.remove()
+            hook.remove()
         A, B = fit_sequential(lin.weight.detach(), Ct, D, mod.rank + mod.comp_rank, damping, full)
         mod.first.weight.copy_(B)    # same width (and rank/compensation split), so the plan is unchanged
         mod.second.weight.copy_(A)
@@ -193,7 +207,7 @@ def refine_(dense: nn.Module, compressed: nn.Module, fit_images: list[torch.Tens
                               desc="refinement", unit="block", mininterval=5, disable=None):
         dense_block = dense.get_submodule(stage)
         block = compressed.get_submodule(stage)
-        targets = [dense_block(x) for x in h]
+        targets, inputs = _dense_pass(dense_block, stage, layers if cfg.seq else [], h)
         val_targets = [dense_block(x) for x in hv]
         info = {}
         if layers:
@@ -201,7 +215,7 @@ def refine_(dense: nn.Module, compressed: nn.Module, fit_images: list[torch.Tens
             kept, best = "plain", info["plain"]
             if cfg.seq:
                 cand = copy.deepcopy(block)
-                _seq_refit_(dense_block, cand, stage, layers, h, ht, cfg.damping)
+                _seq_refit_(dense_block, cand, stage, layers, inputs, ht, cfg.damping)
                 info["seq"] = _block_error(cand, hvt, val_targets)
                 if info["seq"] < best:
                     kept, best = "seq", info["seq"]
@@ -224,6 +238,7 @@ def refine_(dense: nn.Module, compressed: nn.Module, fit_images: list[torch.Tens
         hvt = [block(x) for x in hvt]
         hv_plain = [plain.get_submodule(stage)(x) for x in hv_plain]
         h, hv = targets, val_targets
+        del inputs
     ref = _features(dense, hv)
     ours, base = _features(compressed, hvt), _features(plain, hv_plain)
     after, before = output_cosine(ours, ref), output_cosine(base, ref)

@@ -18,6 +18,24 @@ def _finetune_lines(ft: dict | None) -> list[str]:
             "outputs and INT8 ranges are after."]
 
 
+def _model_lines(m: dict) -> list[str]:
+    """Family, build options, preprocessing and any position-table resampling, when recorded."""
+    out = []
+    if m.get("family"):
+        out.append(f"- family: {m['family']}, outputs: {m.get('outputs', 'logits')}"
+                   + (f", built with {m['kwargs']}" if m.get("kwargs") else ""))
+    pre = m.get("preprocessing")
+    if pre:
+        out.append(f"- preprocessing: input {'x'.join(map(str, pre['input_size']))}, {pre['interpolation']}, "
+                   f"crop {pre['crop_pct']:g} ({pre['crop_mode']}), mean {pre['mean']}, std {pre['std']}"
+                   + (f" (overrides: {', '.join(m['data_config'])})" if m.get("data_config") else ""))
+    rs = m.get("pos_resampled")
+    if rs:
+        out.append(f"- checkpoint position tables resampled ({rs['method']}, {rs['by']}): "
+                   + ", ".join(f"{k} {o} -> {n}" for k, (o, n) in rs["tables"].items()))
+    return out
+
+
 def render_report(manifest: dict) -> str:
     m, p, b = manifest["model"], manifest["params"], manifest["budget"]
     cal, q = manifest.get("calibration", {}), manifest.get("quant", {})
@@ -25,6 +43,7 @@ def render_report(manifest: dict) -> str:
         f"# Compressed {m['name']}",
         "",
         f"- weights: {m.get('weights', '?')}" + (f" ({m['checkpoint']})" if m.get("checkpoint") else ""),
+        *_model_lines(m),
         f"- method: `{manifest['method']}`, allocation: `{manifest['allocation']}`, granule {manifest['granule']}, "
         f"compensation rank {manifest['comp_rank']}",
         f"- budget: {b['description']} (target <= {b['target_params']:,} parameters)",
@@ -62,7 +81,12 @@ def render_report(manifest: dict) -> str:
               f"{_f(e.get('sum_seq_after'))}" + (f" (compensation removes {e['compensation_gain']:.1%})"
                                                   if e.get("compensation_gain") is not None else "")]
     ag = manifest.get("agreement", {})
-    if ag:
+    if ag and m.get("outputs") == "features":   # headless: an argmax over features means nothing
+        lines += ["", "## Final features on the calibration images (headless model)", "",
+                  "| comparison | relative feature error | feature cosine |", "|---|---:|---:|"]
+        for k, v in ag.items():
+            lines.append(f"| {k.replace('_', ' ')} | {v['rel_error']:.4f} | {v['cosine']:.4f} |")
+    elif ag:
         lines += ["", "## Outputs on the calibration images", "",
                   "| comparison | relative logit error | cosine | top-1 agreement |", "|---|---:|---:|---:|"]
         for k, v in ag.items():

@@ -162,6 +162,9 @@ def collect(model: nn.Module, layer_names: Iterable[str], batches: Iterable, dev
         raise CompressError("the calibration loader yielded no images")
     layers = {}
     for n, a in acc.items():
+        if a["count"] == 0:
+            raise CompressError(f"{n}: its forward hooks saw no tokens in {images} images (the model never calls "
+                                "this Linear; it reads its weight directly?), so it cannot be compressed")
         if not (torch.isfinite(a["gram"]).all() and torch.isfinite(a["abs_sum"]).all()):
             raise CompressError(f"non-finite activations at the input of {n}: check the model weights "
                                 "and the calibration images")

@@ -55,7 +55,8 @@ def main(argv=None) -> int:
         for name, f in report["files"].items():
             p = f["parity"]
             print(f"{name:18s} {f['bytes'] / 1e6:8.2f} MB  pairs {f['lowrank_pairs']:3d}  "
-                  f"max|d| {p['max_abs']:.2e}  top-1 {p['top1_agreement']:.1%}")
+                  f"max|d| {p['max_abs']:.2e}  " + (f"top-1 {p['top1_agreement']:.1%}" if p["top1_agreement"] is not None
+                                                    else f"features cos >= {p['cosine_min']:.4f}"))
         print(f"wrote {len(report['files'])} ONNX files and export_report.json to {args.out}")
         return 0
 

@@ -205,8 +205,10 @@ def _const_shapes(g) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def check_pairs(proto, expected: dict[str, tuple[int, int, int]]) -> list[Pair]:
-    """Every compressed layer L -> (in, r+q, out) must be exactly the pair L.first -> L.second."""
+def check_pairs(proto, expected: dict[str, tuple[int, int, int]], constant_linears=()) -> list[Pair]:
+    """Every compressed layer L -> (in, r+q, out) must be exactly the pair L.first -> L.second.
+    ``constant_linears``: Linears that multiply a constant table by design (Swin-v2's position-bias
+    MLP, compress.models.excluded_linears); their constant products are not refolded factors."""
     pairs = {p.layer: p for p in find_pairs(proto)}
     for layer, (n, w, m) in expected.items():
         p = pairs.get(layer)
@@ -215,7 +217,7 @@ def check_pairs(proto, expected: dict[str, tuple[int, int, int]]) -> list[Pair]:
         if (p.in_features, p.width, p.out_features) != (n, w, m):
             raise ExportError(f"{layer}: exported pair is {p.in_features}x{p.width}x{p.out_features}, "
                               f"expected {n}x{w}x{m}")
-    folded = foldable_products(proto)
+    folded = [n for n in foldable_products(proto) if n not in set(constant_linears)]
     if folded:
         raise ExportError(f"constant products an optimizer would fold into dense weights: {', '.join(folded[:5])}")
     return [pairs[k] for k in expected]

@@ -5,6 +5,9 @@ is CUDA-only) and polygraphy's OnnxrtRunner. polygraphy compares the logits elem
 (an element fails when it exceeds both the absolute and the relative tolerance); top-1
 agreement is read from the same run results. Absolute tolerances are stated as a fraction
 of the reference logits' largest magnitude, so one table serves trained and random models.
+A headless model's outputs are features (``outputs="features"``): there is no top-1 to agree on,
+so its gate is the element-wise tolerance and a minimum per-image cosine. Outputs of any layout
+are compared flattened per image.
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ class Tolerance:
     atol: float
     rtol: float
     min_top1: float
+    min_cosine: float = 0.99   # features (headless models): per-image cosine to the reference
 
 
 # fp32: same math, different kernels. fp16: half weights/compute against fp32 PyTorch.
@@ -34,9 +38,9 @@ class Tolerance:
 # on random-init 6-block ViTs: ~2% relative logit error, about half the INT8 error itself).
 # The int8 bound catches wrong scales, weights or layouts (errors of the order of the logits).
 TOLERANCES = {
-    "fp32": Tolerance(atol=1e-4, rtol=1e-3, min_top1=0.99),
-    "fp16": Tolerance(atol=1e-2, rtol=1e-2, min_top1=0.95),
-    "int8": Tolerance(atol=0.1, rtol=0.1, min_top1=0.9),
+    "fp32": Tolerance(atol=1e-4, rtol=1e-3, min_top1=0.99, min_cosine=0.9999),
+    "fp16": Tolerance(atol=1e-2, rtol=1e-2, min_top1=0.95, min_cosine=0.999),
+    "int8": Tolerance(atol=0.1, rtol=0.1, min_top1=0.9, min_cosine=0.95),
 }
 
 
@@ -51,25 +55,36 @@ class ParityResult:
     mean_abs: float
     rel_l2: float
     logit_scale: float
-    top1_agreement: float
+    top1_agreement: float | None      # None for features
     decisive_images: int
-    top1_decisive: float
+    top1_decisive: float | None
     tolerance: Tolerance
     within_tolerance: bool
+    outputs: str = "logits"           # or "features" (headless model)
+    cosine_min: float = 1.0           # smallest per-image cosine to the reference
 
     @property
     def passed(self) -> bool:
+        if self.outputs == "features":
+            return self.within_tolerance and self.cosine_min >= self.tolerance.min_cosine
         return self.within_tolerance and self.top1_decisive >= self.tolerance.min_top1
+
+    def agreement(self) -> str:
+        """'top-1 agreement 99.00%' or, for features, 'min feature cosine 0.99990'."""
+        if self.outputs == "features":
+            return f"min feature cosine {self.cosine_min:.5f}"
+        return f"top-1 agreement {self.top1_agreement:.2%}"
 
     def __bool__(self) -> bool:
         return self.passed
 
     def __str__(self) -> str:
         t = self.tolerance
+        gate = (f"min {t.min_cosine:g}" if self.outputs == "features" else
+                f"{self.top1_decisive:.2%} of {self.decisive_images} non-tied (min {t.min_top1:.0%})")
         return (f"{self.file} vs {self.reference} on {self.images} images: max abs {self.max_abs:.3g} "
                 f"(scale {self.logit_scale:.3g}, tol {t.atol:g}x), max rel {self.max_rel:.3g} "
-                f"(tol {t.rtol:g}), rel L2 {self.rel_l2:.3g}, top-1 agreement {self.top1_agreement:.2%}, "
-                f"{self.top1_decisive:.2%} of {self.decisive_images} non-tied (min {t.min_top1:.0%}): "
+                f"(tol {t.rtol:g}), rel L2 {self.rel_l2:.3g}, {self.agreement()}, {gate}: "
                 f"{'PASS' if self.passed else 'FAIL'}")
 
     def to_dict(self) -> dict:
@@ -103,7 +118,8 @@ def _torch_runner(model, input_shape, name: str):
             with torch.no_grad():
                 y = model(x)
             self.inference_time = time.perf_counter() - start
-            return {OUTPUT_NAME: y.float().cpu().numpy()}
+            # contiguous: a model may return a view (a headless ViT's CLS slice), which polygraphy cannot read
+            return {OUTPUT_NAME: np.ascontiguousarray(y.float().cpu().numpy())}
 
         def deactivate_impl(self):
             pass
@@ -152,7 +168,8 @@ def _ort_session(path: str, threads: int, int8_kernels: bool):
 
 
 def check_parity(onnx_path, model, batches: list[np.ndarray], tolerance: Tolerance,
-                 reference: str = "pytorch", threads: int = 1, int8_kernels: bool = False) -> ParityResult:
+                 reference: str = "pytorch", threads: int = 1, int8_kernels: bool = False,
+                 outputs: str = "logits") -> ParityResult:
     """Run ``model`` and the ONNX file on ``batches`` (float32 NCHW) and compare the logits.
 
     By default ORT keeps QuantizeLinear/DequantizeLinear as float ops, so an INT8 file is checked
@@ -183,9 +200,14 @@ def check_parity(onnx_path, model, batches: list[np.ndarray], tolerance: Toleran
     # polygraphy >= 0.53 returns one AccuracyResult per compare function, older ones a single one
     pairs = accuracy if hasattr(accuracy, "values") else accuracy[0]
     per_iter = [it[OUTPUT_NAME] for it in next(iter(pairs.values()))]
-    agree = out.argmax(1) == ref.argmax(1)
-    top2 = np.sort(ref, axis=1)[:, -2:]
-    decisive = (top2[:, 1] - top2[:, 0]) > 2 * tolerance.atol * scale
+    ref2, out2 = ref.reshape(len(ref), -1).astype(np.float64), out.reshape(len(out), -1).astype(np.float64)
+    cosine = (ref2 * out2).sum(1) / (np.linalg.norm(ref2, axis=1) * np.linalg.norm(out2, axis=1) + 1e-30)
+    if outputs == "features":
+        agree, decisive = None, np.zeros(len(ref2), dtype=bool)
+    else:
+        agree = out2.argmax(1) == ref2.argmax(1)
+        top2 = np.sort(ref2, axis=1)[:, -2:]
+        decisive = (top2[:, 1] - top2[:, 0]) > 2 * tolerance.atol * scale
     result = ParityResult(
         file=Path(path).name, reference=reference, images=int(ref.shape[0]),
         max_abs=float(max(r.max_absdiff for r in per_iter)),
@@ -193,9 +215,10 @@ def check_parity(onnx_path, model, batches: list[np.ndarray], tolerance: Toleran
         mean_abs=float(np.abs(out.astype(np.float64) - ref).mean()),
         rel_l2=float(np.linalg.norm(out.astype(np.float64) - ref) / max(np.linalg.norm(ref), 1e-30)),
         logit_scale=scale,
-        top1_agreement=float(np.mean(agree)),
+        top1_agreement=None if agree is None else float(np.mean(agree)),
         decisive_images=int(decisive.sum()),
-        top1_decisive=float(np.mean(agree[decisive])) if decisive.any() else 1.0,
-        tolerance=tolerance, within_tolerance=bool(accuracy))
+        top1_decisive=None if agree is None else float(np.mean(agree[decisive])) if decisive.any() else 1.0,
+        tolerance=tolerance, within_tolerance=bool(accuracy), outputs=outputs,
+        cosine_min=float(cosine.min()))
     log.info("%s", result)
     return result

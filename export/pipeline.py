@@ -58,7 +58,7 @@ def load_artifacts(compressed_dir) -> tuple[object, dict, object]:
 
     from compress.artifact import load_compressed
     from compress.errors import CompressError
-    from compress.models import load_model
+    from compress.models import load_from_spec
 
     d = Path(compressed_dir)
     if not d.is_dir():
@@ -68,13 +68,8 @@ def load_artifacts(compressed_dir) -> tuple[object, dict, object]:
     except CompressError as e:
         raise ExportError(f"cannot load {d}: {e}") from None
     spec = manifest["model"]
-    seed = (manifest.get("config") or {}).get("seed")
-    try:
-        with torch.random.fork_rng(devices=[]):
-            if spec.get("weights") == "random-init" and seed is not None:
-                torch.manual_seed(seed)  # compress seeds exactly like this before building the model
-            dense = load_model(spec["name"], checkpoint=spec.get("checkpoint"),
-                               pretrained=spec.get("pretrained"), **(spec.get("kwargs") or {}))
+    try:  # compress seeds torch with its seed right before building a random-init model
+        dense = load_from_spec(spec, (manifest.get("config") or {}).get("seed"))
     except CompressError as e:
         raise ExportError(f"cannot rebuild the dense model {spec.get('name')}: {e}") from None
     check_architecture(model, dense, manifest)
@@ -168,6 +163,7 @@ def quantized_linears(model, ranges: dict[str, dict]):
 def export_variant(model, input_size, opset: int, expect_pairs: bool) -> object:
     """fp32 ONNX of one model with canonical Linears (and, for the compressed one, checked pairs)."""
     from compress.lowrank import lowrank_layers
+    from compress.models import excluded_linears
 
     from .linears import canonicalize_linears, check_pairs, linear_weights
     from .onnx_export import export_onnx
@@ -178,7 +174,7 @@ def export_variant(model, input_size, opset: int, expect_pairs: bool) -> object:
                 for n, m in lowrank_layers(model).items()}
     if expect_pairs and not expected:
         raise ExportError("the compressed model has no LowRankLinear layers")
-    check_pairs(proto, expected)
+    check_pairs(proto, expected, excluded_linears(model))
     return proto
 
 
@@ -213,8 +209,9 @@ def export_compressed(compressed_dir, out_dir, options: ExportOptions | None = N
     models = {"dense": dense, "model": model}
     qspecs = {k: quantized_linears(models[k], ranges[k]) for k in VARIANTS} if options.int8 else {}
     input_size = tuple(timm.data.resolve_data_config({}, model=dense)["input_size"])
-    calib = options.calib or default_calibration_for(manifest["model"]["name"])
+    calib = options.calib or default_calibration_for(dense)
     batches = parity_batches(calib, dense, options.num_parity, options.batch_size)
+    outputs = manifest["model"].get("outputs", "logits")
 
     from cliutil import staging_dir
     from compress.artifact import fingerprint
@@ -237,7 +234,7 @@ def export_compressed(compressed_dir, out_dir, options: ExportOptions | None = N
                 onnx.checker.check_model(p)
                 onnx.save(p, str(tmp / fname))
                 files[fname] = check_file(tmp / fname, m, precision, r, batches, options.threads,
-                                          ort_kernels=not fname.endswith("-fp16.onnx"))
+                                          ort_kernels=not fname.endswith("-fp16.onnx"), outputs=outputs)
         for fname in files:
             files[fname]["sha256"] = _sha256(tmp / fname)
         report = dict(build_report(manifest, models, options, calib, files), source=source)
@@ -247,8 +244,10 @@ def export_compressed(compressed_dir, out_dir, options: ExportOptions | None = N
         (tmp / "export_report.json").write_text(json.dumps(report, indent=2, default=_json_default))
     if failed:
         p = files[failed[0]]["parity"]
+        agree = (f"top-1 {p['top1_agreement']:.1%}" if p.get("outputs", "logits") == "logits"
+                 else f"min feature cosine {p['cosine_min']:.4f}")
         raise ParityError(f"parity failed for {', '.join(failed)} (e.g. {failed[0]}: max abs "
-                          f"{p['max_abs']:.3g}, top-1 {p['top1_agreement']:.1%}); no ONNX written, "
+                          f"{p['max_abs']:.3g}, {agree}); no ONNX written, "
                           f"see {out / 'export_report.json'}")
     return report
 
@@ -266,7 +265,7 @@ def int8_fp16(proto, qspecs):
 
 
 def check_file(path: Path, model, precision: str, ranges: dict | None, batches, threads: int,
-               ort_kernels: bool = True) -> dict:
+               ort_kernels: bool = True, outputs: str = "logits") -> dict:
     """Stats + parity of one written file; int8 files are compared with the fake-quant model (and,
     with ``ort_kernels``, ONNX Runtime's own int8 kernels are reported beside the graph's meaning)."""
     from compress.quantize import apply_fake_quant_, remove_fake_quant_
@@ -279,10 +278,10 @@ def check_file(path: Path, model, precision: str, ranges: dict | None, batches, 
     if ranges is not None:
         apply_fake_quant_(model, ranges)
     try:
-        parity = check_parity(path, model, batches, TOLERANCES[precision], reference, threads)
+        parity = check_parity(path, model, batches, TOLERANCES[precision], reference, threads, outputs=outputs)
         if ranges is not None and ort_kernels:   # what ORT's int8 kernels give on this CPU: reported, not gated
             kernels = check_parity(path, model, batches, TOLERANCES[precision], reference, threads,
-                                   int8_kernels=True)
+                                   int8_kernels=True, outputs=outputs)
     finally:
         if ranges is not None:
             remove_fake_quant_(model)
@@ -293,7 +292,7 @@ def check_file(path: Path, model, precision: str, ranges: dict | None, batches, 
         stats["ort_int8_kernels"] = {**kernels.to_dict(), "cpu_saturates": saturates}
         if not kernels:
             log.warning("%s: ONNX Runtime's int8 kernels on this CPU deviate from the graph (max abs %.3g, "
-                        "top-1 %.1f%%)%s", path.name, kernels.max_abs, 100 * kernels.top1_agreement,
+                        "%s)%s", path.name, kernels.max_abs, kernels.agreement(),
                         "; x86 without VNNI: their int16 pair sums saturate, TensorRT and VNNI/ARM CPUs "
                         "are exact" if saturates else "")
     return stats

@@ -255,7 +255,9 @@ def _model_section(run: RunFiles) -> list[str]:
     agree = m.get("agreement") or {}
     if agree:
         lines += ["", "Agreement with the dense model on the calibration images (compress stage): " + ", ".join(
-            f"{k.replace('_vs_', ' vs ').replace('_', ' ')} top-1 {v['top1_agreement']:.1%} / cosine {v['cosine']:.4f}"
+            f"{k.replace('_vs_', ' vs ').replace('_', ' ')} "
+            + (f"top-1 {v['top1_agreement']:.1%} / cosine {v['cosine']:.4f}" if v.get("top1_agreement") is not None
+               else f"features: cosine {v['cosine']:.4f} / rel. error {v['rel_error']:.4f}")
             for k, v in agree.items())]
     return lines
 

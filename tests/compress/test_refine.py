@@ -82,7 +82,7 @@ def test_a_refinement_that_hurts_end_to_end_is_reverted(monkeypatch):
     dense, comp = _compressed_pair()
     plain = {k: v.clone() for k, v in comp.state_dict().items()}
 
-    def harmful(dense_block, block, prefix, layers, h, ht, damping):
+    def harmful(dense_block, block, prefix, layers, inputs, ht, damping):
         block.harmed = True
         for mod in lowrank_layers(block).values():
             mod.second.weight.mul_(-3.0)
