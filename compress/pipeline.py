@@ -171,6 +171,9 @@ def _first_images(loader, n: int):
     return out
 
 
+_FACTORS: dict = {}   # (statistics key, method, alpha, damping) -> the factorisations of the last run
+
+
 def _split(images, n: int):
     """The first ``n`` images of a set and the rest (a seeded subset's prefix is stable in ``num``)."""
     def part(sl):
@@ -220,11 +223,11 @@ def _with_split(A, B, bias, lp):
                                       A[:, lp.rank:] if q else None, B[lp.rank:].T if q else None)
 
 
-def run(config: Config) -> RunResult:
-    """Run the compress stage end to end and write ``config.out`` atomically."""
+def run(config: Config) -> RunResult | None:
+    """Run the compress stage end to end and write ``config.out`` atomically (None on torchrun ranks > 0)."""
     from calibration_data import CalibrationDataError, default_calibration_for, is_spec, load_image_set, make_loader
 
-    from . import compensate, quantize, stats
+    from . import compensate, distributed, quantize, stats
     from .artifact import save_compressed
     from .lowrank import LowRankLinear, replace_module_
     from .models import compressible_layers, count_params, load_model_with_spec, weights_fingerprint
@@ -275,19 +278,33 @@ def run(config: Config) -> RunResult:
     hist = cfg.quant_calib == "percentile"
     key = (stats.cache_key(weights_fingerprint(model), layers, calib_hash, len(images),
                            f"hist={hist},gram={cfg.gram_precision}") if cache_dir else "")
-    st = stats.cached_collect(cache_dir, key, lambda: stats.collect(
-        model, layers, loader, dev, total=len(loader), histogram=hist, precision=cfg.gram_precision))
+    if distributed.shards_statistics():  # under torchrun: each rank a shard, rank 0 the sums (distributed.py)
+        st = distributed.collect(model, layers, images, lambda part: make_loader(part, model, cfg.batch_size),
+                                 cfg.batch_size, dev, histogram=hist, precision=cfg.gram_precision,
+                                 cache_dir=cache_dir, key=key)
+        if st is None:   # not rank 0: rank 0 runs the sequential passes below and writes
+            return None
+    else:
+        st = stats.cached_collect(cache_dir, key, lambda: stats.collect(
+            model, layers, loader, dev, total=len(loader), histogram=hist, precision=cfg.gram_precision))
     lap("statistics")
 
-    # 2. one SVD per layer
-    facts, curves = {}, []
-    for name, lin in layers.items():
-        s = st.layers[name]
-        m, n = lin.out_features, lin.in_features
-        f = factorise(lin.weight.detach().cpu(), s.gram, cfg.method, mean_abs=s.mean_abs, mean_input=s.mean,
-                      alpha=cfg.alpha, damping=cfg.damping, keep=_break_even_rank(m, n), name=name)
-        facts[name] = f
-        curves.append(LayerCurve(name, m, n, lin.bias is not None, tuple(f.curve.tolist())))
+    # 2. one SVD per layer (kept in memory for the next run on the same statistics: sweeps and studies)
+    fkey = (st.key, cfg.method, cfg.alpha, cfg.damping) if st.key else None
+    facts = _FACTORS.get(fkey) if fkey else None
+    if facts is None:
+        facts = {}
+        for name, lin in layers.items():
+            s = st.layers[name]
+            m, n = lin.out_features, lin.in_features
+            facts[name] = factorise(lin.weight.detach().cpu(), s.gram, cfg.method, mean_abs=s.mean_abs,
+                                    mean_input=s.mean, alpha=cfg.alpha, damping=cfg.damping,
+                                    keep=_break_even_rank(m, n), name=name)
+        if fkey:
+            _FACTORS.clear()   # one entry: a study alternates budgets, not statistics
+            _FACTORS[fkey] = facts
+    curves = [LayerCurve(name, lin.out_features, lin.in_features, lin.bias is not None,
+                         tuple(facts[name].curve.tolist())) for name, lin in layers.items()]
     lap("factorisation")
 
     # 3. allocation

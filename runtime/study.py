@@ -135,10 +135,10 @@ def _metrics(feats, logits, labels, ref_feats, ref_logits) -> dict:
     return out
 
 
-def run_study(cfg: StudyConfig) -> dict:
+def run_study(cfg: StudyConfig) -> dict | None:
     from tqdm import tqdm
 
-    from compress import load_model
+    from compress import distributed, load_model
     from compress.pipeline import Config, default_stats_cache, run
     from compress.quantize import apply_fake_quant_
 
@@ -163,8 +163,13 @@ def run_study(cfg: StudyConfig) -> dict:
     stats_cache = cfg.stats_cache or str(default_stats_cache())
     work = Path(tempfile.mkdtemp(prefix="study-"))
     jobs = [(r, v) for r in cfg.ratios for v in cfg.variants]
+    first = len(rows)   # under torchrun this rank runs jobs[rank::world], rank 0 gathers (compress.distributed)
+    result = {"model": cfg.model, "checkpoint": cfg.checkpoint, "data": images.root, "num_images": len(x),
+              "num_calib": cfg.num_calib, "default_variant": default, "recon_steps": cfg.recon_steps,
+              "finetune_steps": cfg.finetune_steps, "variants": {k: VARIANTS[k][0] for k in cfg.variants},
+              "rows": rows, "complete": False}
     try:
-        for ratio, variant in tqdm(jobs, desc="study", unit="config"):
+        for ratio, variant in tqdm(distributed.split_jobs(jobs), desc="study", unit="config"):
             opts = variant_options(variant, cfg.recon_steps, cfg.finetune_steps)
             t = time.perf_counter()
             res = run(Config(model=cfg.model, checkpoint=cfg.checkpoint, pretrained=cfg.pretrained, calib=cfg.calib,
@@ -183,15 +188,22 @@ def run_study(cfg: StudyConfig) -> dict:
                              "refine_kept": kept or None, "refine_reverted": (not refine["kept"]) if refine else None,
                              **_metrics(f, z, labels, ref_f, ref_z)})
                 log.info("%s", rows[-1])
+            write(result, cfg.out)   # after every configuration: a long study's finished rows survive a stop
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    return {"model": cfg.model, "checkpoint": cfg.checkpoint, "data": images.root, "num_images": len(x),
-            "num_calib": cfg.num_calib, "default_variant": default, "recon_steps": cfg.recon_steps,
-            "finetune_steps": cfg.finetune_steps, "variants": {k: VARIANTS[k][0] for k in cfg.variants},
-            "rows": rows}
+    job_rows = distributed.gather_rows(rows[first:], order=lambda row: jobs.index((row["ratio"], row["variant"])))
+    if job_rows is None:   # a torchrun rank > 0: rank 0 writes the study
+        return None
+    rows[first:] = job_rows
+    result["complete"] = True
+    return result
 
 
 def write(result: dict, out: Path) -> None:
+    from compress.distributed import is_main
+
+    if not is_main():   # under torchrun rank 0 alone writes
+        return
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "study.json", result)
     atomic_write_bytes(out / "study.md", format_markdown(result).encode())
@@ -235,7 +247,8 @@ def format_markdown(result: dict) -> str:
             + (f"top-1 {100 * dense['top1']:.2f}%, " if has_top1 else "headless (feature metrics only), ")
             + f"{dense['params']:,} parameters. Block reconstruction: {result['recon_steps']} steps per block; "
               f"distillation: {result['finetune_steps']} steps.")
-    out = [head, ""]
+    out = [head, ""] + ([] if result.get("complete", True) else ["**Partial: the study is still running or was "
+                                                                  "stopped; rows so far.**", ""])
     if has_top1:
         out += _table(result, "Top-1 % with the dense model's head, unchanged (agreement with dense %):",
                       lambda r: f"{100 * r['top1']:.2f} ({100 * r['agreement']:.1f})")
@@ -329,6 +342,8 @@ def main(args: argparse.Namespace) -> int:
                       finetune_steps=args.finetune_steps, baselines=tuple(args.baseline),
                       stats_cache=args.stats_cache, batch_size=args.batch_size)
     result = run_study(cfg)
+    if result is None:   # a torchrun rank > 0
+        return 0
     write(result, args.out)
     print(format_markdown(result))
     return 0
