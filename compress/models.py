@@ -95,6 +95,14 @@ def has_head(model: nn.Module) -> bool:
     return bool(_ready(model).head_names(model))
 
 
+def num_classes(model: nn.Module) -> int:
+    """Outputs of the classifier (0 for a headless model), whatever the family calls it."""
+    if find_adapter(model) is None:
+        return int(getattr(model, "num_classes", 0) or 0)
+    heads = _ready(model).head_names(model)
+    return model.get_submodule(heads[0]).out_features if heads else 0
+
+
 def stages(model: nn.Module, layer_names) -> list[tuple[str, list[str]]]:
     """Split the network into sequential stages for the compensation pass (METHOD.md §4).
 

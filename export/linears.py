@@ -141,7 +141,8 @@ def _name_bias(node, name, bias) -> None:
         val = const_value(cons.inputs[j])
         if val is not None and val.shape == bias.shape and np.array_equal(val, bias):
             cons.name = f"{name}.bias_add"
-            cons.inputs[j] = gs.Constant(f"{name}.bias", np.ascontiguousarray(bias))
+            if cons.inputs[j].name != f"{name}.bias":   # else already it (the exporter may share an
+                cons.inputs[j] = gs.Constant(f"{name}.bias", np.ascontiguousarray(bias))  # all-zero one)
             return
     # an all-zero bias (random init) is legitimately optimised away by the exporter
     (log.debug if not np.any(bias) else log.warning)("bias of %s was not found as an Add after its MatMul", name)

@@ -31,14 +31,16 @@ ONNX_ORDER = ("dense.onnx", "dense.fp16.onnx", "dense.int8.onnx",
 
 @dataclass(frozen=True)
 class Scores:
-    """Accuracy of one variant; agreement fields are None for the reference itself."""
+    """Accuracy of one variant; agreement fields are None for the reference itself. A headless
+    model's outputs are features: no top-1/top-5/KL, its agreement is cosine and relative error."""
     n: int
-    top1: float
-    top5: float
+    top1: float | None
+    top5: float | None
     agreement: float | None = None
     cosine: float | None = None
     kl: float | None = None
     seconds: float = 0.0
+    rel_error: float | None = None
 
 
 def _log_softmax(z: np.ndarray) -> np.ndarray:
@@ -47,11 +49,19 @@ def _log_softmax(z: np.ndarray) -> np.ndarray:
 
 
 def score(logits: np.ndarray, labels: np.ndarray, reference: np.ndarray | None = None,
-          seconds: float = 0.0) -> Scores:
-    """Top-1/top-5 against labels and, given reference logits, agreement/cosine/KL."""
+          seconds: float = 0.0, features: bool = False) -> Scores:
+    """Top-1/top-5 against labels and, given reference logits, agreement/cosine/KL; for ``features``
+    (a headless model) only the cosine and relative error against the reference features."""
     logits = np.asarray(logits, dtype=np.float64)
     if not np.isfinite(logits).all():
         raise ValueError("non-finite logits: the variant produced NaN/Inf")
+    if features:
+        if reference is None:
+            return Scores(len(logits), None, None, seconds=seconds)
+        f, ref = logits.reshape(len(logits), -1), np.asarray(reference, dtype=np.float64).reshape(len(logits), -1)
+        cos = (ref * f).sum(1) / (np.linalg.norm(ref, axis=1) * np.linalg.norm(f, axis=1) + 1e-30)
+        rel = float(np.linalg.norm(f - ref) / max(np.linalg.norm(ref), 1e-30))
+        return Scores(len(f), None, None, cosine=float(cos.mean()), seconds=seconds, rel_error=rel)
     k = min(5, logits.shape[1])
     top = np.argsort(-logits, axis=1)[:, :k]
     top1 = float((top[:, 0] == labels).mean())
@@ -67,15 +77,16 @@ def score(logits: np.ndarray, labels: np.ndarray, reference: np.ndarray | None =
 
 
 def evaluate(variants: dict[str, Variant], loader, reference: str | None = None,
-             progress: bool = True) -> dict[str, Scores]:
-    """Run every variant on every batch; score against labels and the reference variant."""
+             progress: bool = True, features: bool = False) -> dict[str, Scores]:
+    """Run every variant on every batch; score against labels and the reference variant (headless
+    ``features``: against the reference only, labels unused)."""
     from tqdm import tqdm
 
     outs: dict[str, list[np.ndarray]] = {k: [] for k in variants}
     secs = dict.fromkeys(variants, 0.0)
     labels = []
     for x, y in tqdm(loader, desc="evaluating", unit="batch", disable=not progress, mininterval=2):
-        if (y < 0).any():
+        if (y < 0).any() and not features:
             raise ValueError("the evaluation images are unlabelled; pass an ImageFolder or a labelled set")
         labels.append(y.numpy())
         for name, fn in variants.items():
@@ -85,7 +96,7 @@ def evaluate(variants: dict[str, Variant], loader, reference: str | None = None,
     y = np.concatenate(labels)
     logits = {k: np.concatenate(v) for k, v in outs.items()}
     ref = logits.get(reference) if reference else None
-    return {k: score(v, y, None if k == reference else ref, secs[k]) for k, v in logits.items()}
+    return {k: score(v, y, None if k == reference else ref, secs[k], features) for k, v in logits.items()}
 
 
 def torch_variant(model: torch.nn.Module) -> Variant:
@@ -118,8 +129,9 @@ def model_class_names(model: torch.nn.Module) -> tuple[str, ...] | None:
     """The model's class names in output order: its pretrained_cfg's label_names, ImageNet's
     WordNet ids for a 1000-class model, else None (only the count is known)."""
     from calibration_data.images import IMAGENET_WNIDS
+    from compress.models import num_classes
 
-    n = int(getattr(model, "num_classes", 0) or 0)
+    n = num_classes(model)
     names = tuple((getattr(model, "pretrained_cfg", None) or {}).get("label_names") or ())
     if names and len(names) == n:
         return names
@@ -139,7 +151,9 @@ def match_classes(images, model: torch.nn.Module, what: str = "--data"):
     if not images.labelled:
         raise RuntimeStageError(f"{what} {images.root} is unlabelled (a flat folder); evaluation needs one "
                                 "subfolder per class, ImageNet <wnid>_*.JPEG names, or cifar10-test")
-    n = int(getattr(model, "num_classes", 0) or 0)
+    from compress.models import num_classes
+
+    n = num_classes(model)
     names = model_class_names(model)
     if names is None:
         if len(images.classes) != n:
@@ -214,15 +228,9 @@ def dense_model(manifest: dict) -> torch.nn.Module:
     A random-init model is rebuilt with the seed compress used (it seeds torch right before
     building the model), so "dense" is the network that was compressed, like export's dense.onnx.
     """
-    import compress
+    from compress.models import load_from_spec
 
-    spec = manifest["model"]
-    seed = (manifest.get("config") or {}).get("seed")
-    with torch.random.fork_rng(devices=[]):
-        if spec.get("weights") == "random-init" and seed is not None:
-            torch.manual_seed(seed)
-        return compress.load_model(spec["name"], checkpoint=spec.get("checkpoint"),
-                                   pretrained=spec.get("pretrained", False), **(spec.get("kwargs") or {}))
+    return load_from_spec(manifest["model"], (manifest.get("config") or {}).get("seed"))
 
 
 def _onnx_files(args) -> list[Path]:
@@ -300,11 +308,15 @@ def main(args: argparse.Namespace) -> int:
     from calibration_data import make_loader
 
     _check_args(args)
+    from compress.models import has_head
+
     variants, name, info, closers, dense = _variants(args)
     try:
-        images = match_classes(resolve_data(args.data, dense, args.num, args.seed), dense)
+        features = not has_head(dense)   # headless: feature agreement with the dense model, no labels
+        images = resolve_data(args.data, dense, args.num, args.seed)
+        images = images if features else match_classes(images, dense)
         loader = make_loader(images, dense, batch_size=args.batch_size)
-        scores = evaluate(variants, loader, reference="dense")
+        scores = evaluate(variants, loader, reference="dense", features=features)
     finally:
         for b in closers:
             b.close()
@@ -325,6 +337,13 @@ def result_document(name: str, images, seed: int, info: dict, scores: dict[str, 
 def format_table(scores: dict[str, Scores]) -> str:
     def pct(v):
         return "-" if v is None else f"{100 * v:.2f}"
+    if all(s.top1 is None for s in scores.values()):   # headless model: final features
+        rows = ["| variant | images | feature cosine | feature rel. error |", "|---|---|---|---|"]
+        for k, s in scores.items():
+            cos = "-" if s.cosine is None else f"{s.cosine:.5f}"
+            rel = "-" if s.rel_error is None else f"{s.rel_error:.5f}"
+            rows.append(f"| {k} | {s.n} | {cos} | {rel} |")
+        return "\n".join(rows)
     rows = ["| variant | images | top-1 % | top-5 % | agree % | cosine | KL |", "|---|---|---|---|---|---|---|"]
     for k, s in scores.items():
         cos = "-" if s.cosine is None else f"{s.cosine:.5f}"

@@ -68,8 +68,10 @@ def eval_stage(run_dir, images, onnx_files=("model.int8.onnx",), backend: str = 
             b = open_backend(backend, run_dir / "onnx" / name, **(backend_options or {}))
             backends.append(b)
             variants[f"{backend}:{name}"] = backend_variant(b)
+        from compress.models import has_head
+
         loader = make_loader(images, dense, batch_size=batch_size)
-        scores = evaluate(variants, loader, reference="dense", progress=False)
+        scores = evaluate(variants, loader, reference="dense", progress=False, features=not has_head(dense))
     finally:
         for b in backends:
             b.close()

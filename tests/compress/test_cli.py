@@ -32,8 +32,11 @@ def test_cli_end_to_end_on_deit_tiny_with_bundled_imagenet(tmp_path, capsys):
     m = json.loads((out / "manifest.json").read_text())
     assert m["calibration"]["images"] == 8 and "imagenet" in m["calibration"]["path"]
     assert m["params"]["removed_ratio"] >= 0.5 and m["params"]["after"] <= m["budget"]["target_params"]
-    assert m["model"] == {"name": "deit_tiny_patch16_224", "checkpoint": None, "pretrained": False,
-                          "kwargs": {}, "weights": "random-init"}
+    assert {k: m["model"][k] for k in ("name", "checkpoint", "pretrained", "kwargs", "weights", "family",
+                                       "outputs", "pos_resampled")} == {
+        "name": "deit_tiny_patch16_224", "checkpoint": None, "pretrained": False, "kwargs": {},
+        "weights": "random-init", "family": "timm-vit", "outputs": "logits", "pos_resampled": None}
+    assert m["model"]["preprocessing"]["input_size"] == [3, 224, 224]
     assert len(m["layers"]) == 48 and m["quant"]["act_ranges"]
     assert "parameters" in capsys.readouterr().out
 
