@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 
@@ -139,7 +140,10 @@ def main(argv=None) -> int:
     from .artifact import replace_refusal
 
     def body() -> int:
-        with reserve_output(args.out, kind="dir", accepts=replace_refusal):  # before any expensive work
+        from .distributed import is_main  # under torchrun only rank 0 holds and writes --out
+
+        with (reserve_output(args.out, kind="dir", accepts=replace_refusal) if is_main()
+              else contextlib.nullcontext()):  # before any expensive work
             if args.threads > 0:
                 import torch
 
@@ -147,6 +151,8 @@ def main(argv=None) -> int:
             from .pipeline import run
 
             result = run(config_from_args(args))
+        if result is None:  # a torchrun rank > 0: its share of the statistics went to rank 0
+            return 0
         _print_summary(result)
         return 0
 

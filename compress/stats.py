@@ -7,12 +7,16 @@ token count. The same pass records the per-tensor input range of every Linear of
 dense model (for its INT8 export) and the dense logits (to measure agreement later).
 Results can be cached on disk (safetensors + JSON) keyed by the model's weights, the
 layer set and the calibration images, so runs with other budgets or methods skip the pass.
+Everything but the ranges is a sum over images, so ``collect`` = ``finish(accumulate(...))``
+and shards of the images can be accumulated apart and added (compress/distributed.py);
+histograms merge with ``merge_range_states``.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
+import math
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -106,6 +110,16 @@ def _inputs(batch) -> torch.Tensor:
     return batch[0] if isinstance(batch, (tuple, list)) else batch
 
 
+@dataclass
+class Partial:
+    """The unreduced sums of ``collect`` over some batches: what the ranks of a sharded pass add up
+    (compress/distributed.py) before ``finish`` checks them and makes ``Stats``."""
+    sums: dict[str, dict]        # layer -> gram, abs_sum, sum (float64 tensors), count (int)
+    ranges: dict[str, dict]      # every range layer -> RangeObserver state
+    logits: list[torch.Tensor]   # dense outputs, one tensor per batch, in batch order
+    images: int
+
+
 @torch.no_grad()
 def collect(model: nn.Module, layer_names: Iterable[str], batches: Iterable, device: str = "cpu",
             range_layers: Iterable[str] | None = None, total: int | None = None,
@@ -114,6 +128,19 @@ def collect(model: nn.Module, layer_names: Iterable[str], batches: Iterable, dev
 
     ``histogram`` keeps |x| histograms of the Linear inputs (needed for percentile ranges);
     ``precision`` is the per-batch Gram product dtype (see ``accumulate_gram``).
+    """
+    return finish(accumulate(model, layer_names, batches, device, range_layers, total, histogram, precision))
+
+
+@torch.no_grad()
+def accumulate(model: nn.Module, layer_names: Iterable[str], batches: Iterable, device: str = "cpu",
+               range_layers: Iterable[str] | None = None, total: int | None = None,
+               histogram: bool = False, precision: str = "float64",
+               widths: dict[str, float] | None = None) -> Partial:
+    """The sums of ``collect`` over ``batches``, unchecked (an empty ``batches`` gives zeros).
+
+    ``widths``: histogram bin widths to start from instead of laying the bins out at the first
+    batch, so that a shard's histograms share the bins of the whole pass (``merge_range_states``).
     """
     from tqdm import tqdm
 
@@ -128,6 +155,10 @@ def collect(model: nn.Module, layer_names: Iterable[str], batches: Iterable, dev
                    sum=torch.zeros(m.in_features, dtype=torch.float64), count=0)
            for n, m in mods.items()}
     observers = {n: RangeObserver(histogram) for n in range_mods}
+    for n, w in (widths or {}).items():
+        if histogram and w > 0 and n in observers:
+            o = observers[n]
+            o.width, o.counts = float(w), torch.zeros(o.bins, dtype=torch.float64)
 
     def gram_hook(name):
         def hook(_mod, inputs):
@@ -158,10 +189,16 @@ def collect(model: nn.Module, layer_names: Iterable[str], batches: Iterable, dev
     finally:
         for h in handles:
             h.remove()
+    return Partial(acc, {n: o.state() for n, o in observers.items()}, logits, images)
+
+
+def finish(p: Partial) -> Stats:
+    """``Stats`` from the sums of the whole calibration set, refusing empty or non-finite ones."""
+    images = p.images
     if images == 0:
         raise CompressError("the calibration loader yielded no images")
     layers = {}
-    for n, a in acc.items():
+    for n, a in p.sums.items():
         if a["count"] == 0:
             raise CompressError(f"{n}: its forward hooks saw no tokens in {images} images (the model never calls "
                                 "this Linear; it reads its weight directly?), so it cannot be compressed")
@@ -169,7 +206,49 @@ def collect(model: nn.Module, layer_names: Iterable[str], batches: Iterable, dev
             raise CompressError(f"non-finite activations at the input of {n}: check the model weights "
                                 "and the calibration images")
         layers[n] = LayerStats(a["gram"], a["abs_sum"], a["sum"], a["count"])
-    return Stats(layers, {n: o.state() for n, o in observers.items()}, torch.cat(logits), images)
+    return Stats(layers, p.ranges, torch.cat(p.logits), images)
+
+
+def merge_range_states(states: list[dict]) -> dict:
+    """One RangeObserver state from the states of disjoint shards of a pass.
+
+    The max is the max. Histograms started from the same bin width (``accumulate(widths=)``) differ
+    only by how often each halved its resolution, so each is re-binned to the coarsest width (and
+    coarser while more than ``max_bins`` bins would be needed, as one observer does): the counts are
+    then those of one observer over all the images, up to values on a bin edge. Histograms laid out
+    independently (a layer whose first batch was all zeros) are re-binned by bin centre, which is
+    approximate: that is logged.
+    """
+    from .quantize import RangeObserver
+
+    amax = max(float(s["amax"]) for s in states)
+    zeros = sum(int(s.get("zeros", 0)) for s in states)
+    empty = torch.zeros(0, dtype=torch.float64)
+    if not bool(states[0].get("histogram", True)):
+        return {"amax": amax, "width": 0.0, "zeros": 0, "histogram": False, "counts": empty}
+    laid = [s for s in states if float(s["width"]) > 0]
+    if not laid:   # every shard saw only zeros
+        return {"amax": amax, "width": 0.0, "zeros": zeros, "histogram": True, "counts": empty}
+    unlaid_zeros = sum(int(s.get("zeros", 0)) for s in states if float(s["width"]) == 0)
+    base = min(float(s["width"]) for s in laid)
+    ratios = [math.log2(float(s["width"]) / base) for s in laid]
+    if any(abs(r - round(r)) > 1e-9 for r in ratios):
+        log.warning("range histograms of the shards have unrelated bin widths; merged approximately by bin centre")
+    max_bins = RangeObserver().max_bins
+    width = max(float(s["width"]) for s in laid)
+
+    def length(w):
+        return max([math.ceil(amax / w)] + [math.ceil(len(s["counts"]) * float(s["width"]) / w) for s in laid])
+
+    while length(width) > max_bins:
+        width *= 2
+    counts = torch.zeros(length(width), dtype=torch.float64)
+    for s in laid:
+        c = s["counts"].double()
+        idx = ((torch.arange(len(c), dtype=torch.float64) + 0.5) * (float(s["width"]) / width)).long()
+        counts.index_add_(0, idx.clamp_(max=len(counts) - 1), c)
+    counts[0] += unlaid_zeros
+    return {"amax": amax, "width": width, "zeros": zeros, "histogram": True, "counts": counts}
 
 
 # ----------------------------------------------------------------------------- cache
@@ -192,7 +271,12 @@ def cached_collect(cache_dir: str | Path | None, key: str, compute: Callable[[],
     if found is not None:
         log.info("calibration statistics loaded from cache %s", cache_dir / f"{key}.json")
         return found
-    stats = compute()
+    return store(cache_dir, key, compute())
+
+
+def store(cache_dir: str | Path, key: str, stats: Stats) -> Stats:
+    """Write ``stats`` as cache entry ``key`` (a failed write is only a warning); ``stats`` keyed."""
+    cache_dir = Path(cache_dir).expanduser()
     try:
         save_stats(cache_dir, key, stats)
     except OSError as e:

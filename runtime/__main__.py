@@ -174,8 +174,9 @@ def _delegate(name: str, argv: list[str]) -> int:
 def _reserved(command: str, args):
     """The subcommand's --out, validated and locked before its work (a no-op without one)."""
     import contextlib
+    import os
 
-    if getattr(args, "out", None) is None:
+    if getattr(args, "out", None) is None or int(os.environ.get("RANK", "0")) > 0:  # torchrun: rank 0 writes
         return contextlib.nullcontext()
     return reserve_output(args.out, kind="file" if command in FILE_OUTPUTS else "dir")
 
