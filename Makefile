@@ -16,7 +16,8 @@ NUM_CALIB ?= 256
 RATIO ?= 0.6
 METHOD ?= whiten
 ALLOCATION ?= mixed
-COMP_RANK ?= 8
+# empty: compress's own default (see python -m compress --help)
+COMP_RANK ?=
 GRANULE ?= 8
 # recovery fine-tuning steps (distillation on the calibration images, beyond the paper); 0 = off
 FINETUNE_STEPS ?= 0
@@ -87,7 +88,7 @@ stamp_file = $(1)/.make/$(2)-$(call stamp_hash,$(3))
 write_stamp = @mkdir -p $(@D) && rm -f $(@D)/$(firstword $(subst -, ,$(@F)))-* && printf '%s\n' '$(subst ','\'',$(strip $(1)))' >$@
 
 COMPRESS_ARGS = $(MODEL_ARGS) $(call opt,--calib,$(CALIB)) --num-calib $(NUM_CALIB) --ratio $(RATIO) \
-  --method $(METHOD) --allocation $(ALLOCATION) --comp-rank $(COMP_RANK) --granule $(GRANULE) $(FINETUNE_ARGS)
+  --method $(METHOD) --allocation $(ALLOCATION) $(call opt,--comp-rank,$(COMP_RANK)) --granule $(GRANULE) $(FINETUNE_ARGS)
 EXPORT_ARGS = $(call opt,--calib,$(CALIB)) --num-parity $(NUM_PARITY)
 BENCH_ARGS = --backend $(BACKEND) --batch-sizes $(BATCH_SIZES) --threads $(THREADS) --warmup $(WARMUP) \
   --repeats $(REPEATS)
@@ -149,7 +150,7 @@ demo:
 # Many budgets from one calibration pass (compress's statistics cache): sweep.json/.md, pareto.png.
 SWEEP_ARGS = $(MODEL_ARGS) $(call opt,--calib,$(CALIB)) --num-calib $(NUM_CALIB) $(call opt,--data,$(VAL)) \
   $(call opt,--num-eval,$(NUM_EVAL)) --ratios $(RATIOS) --method $(METHOD) --allocation $(ALLOCATION) \
-  --comp-rank $(COMP_RANK) --granule $(GRANULE) --backend $(BACKEND) --threads $(THREADS) --warmup $(WARMUP) \
+  $(call opt,--comp-rank,$(COMP_RANK)) --granule $(GRANULE) --backend $(BACKEND) --threads $(THREADS) --warmup $(WARMUP) \
   --repeats $(REPEATS)
 SWEEP_STAMP := $(call stamp_file,$(SWEEP_OUT),sweep,$(SWEEP_ARGS))
 sweep: $(SWEEP_OUT)/sweep.json
@@ -161,19 +162,21 @@ $(SWEEP_OUT)/sweep.json: $(SWEEP_STAMP) $(WEIGHTS) $(wildcard $(VAL)) | $(SETUP)
 # The least compression meeting TARGET_LATENCY_MS (p50, batch 1, BACKEND) or TARGET_SIZE_MB (INT8 file).
 fit: | $(SETUP)
 	$(PY) -m runtime fit $(MODEL_ARGS) $(call opt,--calib,$(CALIB)) --num-calib $(NUM_CALIB) --method $(METHOD) \
-	  --allocation $(ALLOCATION) --comp-rank $(COMP_RANK) --granule $(GRANULE) --backend $(BACKEND) \
+	  --allocation $(ALLOCATION) $(call opt,--comp-rank,$(COMP_RANK)) --granule $(GRANULE) --backend $(BACKEND) \
 	  --threads $(THREADS) $(call opt,--target-latency-ms,$(TARGET_LATENCY_MS)) \
 	  $(call opt,--target-size-mb,$(TARGET_SIZE_MB)) --out $(FIT_OUT)
 
-# The method study (runtime.study): every method x allocation x compensation at STUDY_RATIOS, INT8 on
+# The method study (runtime.study): every compress step on/off (STUDY_VARIANTS) at STUDY_RATIOS, INT8 on
 # the default, and BASELINE (smaller dense models, e.g. vit_cifar_narrow) at their parameter counts.
-# FINETUNE_STEPS=N adds the default method fine-tuned N steps as extra rows labelled FT.
+# FINETUNE_STEPS=N sets the steps of the distill row.
 STUDY_RATIOS ?= 0.4,0.5,0.6,0.7
+# empty: every variant (runtime study --help lists them)
+STUDY_VARIANTS ?=
 STUDY_OUT ?= runs/study-$(MODEL)
 BASELINE ?=
 study: | $(SETUP)
 	$(PY) -m runtime study $(MODEL_ARGS) $(call opt,--calib,$(CALIB)) --num-calib $(NUM_CALIB) \
-	  $(call opt,--data,$(VAL)) $(call opt,--num,$(NUM_EVAL)) --ratios $(STUDY_RATIOS) --comp-rank $(COMP_RANK) \
+	  $(call opt,--data,$(VAL)) $(call opt,--num,$(NUM_EVAL)) --ratios $(STUDY_RATIOS) $(call opt,--variants,$(STUDY_VARIANTS)) \
 	  --threads $(THREADS) $(FINETUNE_ARGS) \
 	  $(foreach b,$(BASELINE),--baseline $(b)) --out $(STUDY_OUT)
 

@@ -51,14 +51,14 @@ class Config:
     method: str = "whiten"
     allocation: str = "mixed"
     granule: int = 8
-    comp_rank: int = 8
+    comp_rank: int = 0                   # the paper's compensation (0: off; measured to hurt real models, issue 10)
     comp_steps: int = 50
     comp_images: int = 64                # images of the sequential pass (0: all calibration images)
     gram_precision: str = "float64"      # per-batch Gram product dtype; sums are always float64
     comp_lr: float = 1e-2
     sensitivity_images: int = 0          # >0: reallocate by measured end-to-end layer sensitivity (sensitivity.py)
     heldout: int = 64                    # extra calibration images never fitted on: they judge every refinement
-    seq_refit: bool = False              # sequential factorisation, kept per block where it pays (refine.py)
+    seq_refit: bool = True               # sequential factorisation, kept per block where it pays (refine.py)
     recon_steps: int = 0                 # block-wise reconstruction steps per block (0: off; refine.py)
     recon_lr: float = 1e-3
     refine_damping: float = 1e-2         # ridge of the refinement's C~, relative to its mean diagonal

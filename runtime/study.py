@@ -162,7 +162,8 @@ def run_study(cfg: StudyConfig) -> dict | None:
     int8 = cfg.int8 if cfg.int8 is not None else ((default,) if default else ())
     stats_cache = cfg.stats_cache or str(default_stats_cache())
     work = Path(tempfile.mkdtemp(prefix="study-"))
-    jobs = [(r, v) for r in cfg.ratios for v in cfg.variants]
+    # variant by variant: one factorisation serves all its budgets, and a stopped study has whole rows
+    jobs = [(r, v) for v in cfg.variants for r in cfg.ratios]
     first = len(rows)   # under torchrun this rank runs jobs[rank::world], rank 0 gathers (compress.distributed)
     result = {"model": cfg.model, "checkpoint": cfg.checkpoint, "data": images.root, "num_images": len(x),
               "num_calib": cfg.num_calib, "default_variant": default, "recon_steps": cfg.recon_steps,

@@ -337,7 +337,7 @@ def _kwarg(text: str) -> tuple[str, object]:
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     """The compress options sweep and fit share (a subset of python -m compress's)."""
-    from compress.__main__ import add_weights_arguments
+    from compress.__main__ import _defaults, add_weights_arguments
 
     g = p.add_argument_group("model and method (as python -m compress)")
     add_weights_arguments(g)
@@ -347,7 +347,8 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--num-calib", type=int, default=256)
     g.add_argument("--method", default="whiten", choices=("whiten", "plain", "diag", "mean-input"))
     g.add_argument("--allocation", default="mixed", choices=("mixed", "uniform"))
-    g.add_argument("--comp-rank", type=int, default=8)
+    g.add_argument("--comp-rank", type=int, default=_defaults()["comp_rank"],
+                   help="compensation rank (0: off, compress's default); validated on held-out images")
     g.add_argument("--comp-steps", type=int, default=50)
     g.add_argument("--granule", type=int, default=8)
     g.add_argument("--stats-cache", default=None,

@@ -46,9 +46,14 @@ def test_process_rss_sees_a_large_allocation():
     if not reset_peak_rss():
         pytest.skip("this kernel cannot reset the peak RSS")
     before = peak_rss()
-    block = np.ones(64 * 2**20 // 8)  # 64 MiB, touched
+    # fresh anonymous pages, touched: a heap allocation could reuse memory freed (but still resident)
+    # by earlier tests in the same process, and then the RSS would not move
+    import mmap
+
+    block = mmap.mmap(-1, 64 * 2**20)
+    block.write(b"\1" * len(block))
     assert peak_rss() - before > 48 * 2**20
-    del block
+    block.close()
 
 
 def test_fresh_process_probe_accounts_for_the_model(ref_onnx):

@@ -36,11 +36,12 @@ def test_report_carries_the_stages_numbers(report):
     assert f"| whole model | {p['before']:,} | {p['after']:,} | {p['removed_ratio']:.2%} |" in text
     assert f"| compressible layers | {p['compressible_before']:,} | {p['compressible_after']:,} |" in text
     assert m["budget"]["description"] in text
-    # rank grid: every block's qkv cell as rank+comp
+    # rank grid: every block's qkv cell as rank (+comp when compensated)
     for i in range(2):
         layer = m["layers"][f"blocks.{i}.attn.qkv"]
         row = next(line for line in text.splitlines() if line.startswith(f"| {i} | "))
-        assert row.split(" | ")[1] == ("dense" if layer["dense"] else f"{layer['rank']}+{layer['comp_rank']}")
+        want = "dense" if layer["dense"] else f"{layer['rank']}" + (f"+{layer['comp_rank']}" if layer["comp_rank"] else "")
+        assert row.split(" | ")[1] == want
     assert "[compressed/ranks.png](compressed/ranks.png)" in text
     # accuracy rows straight from eval.json, with the file size of the matching ONNX file
     row = next(line for line in text.splitlines() if line.startswith("| ort:model.int8.onnx |"))
