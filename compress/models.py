@@ -233,7 +233,7 @@ class ModelSpec:
     checkpoint: str | None
     pretrained: bool
     kwargs: dict             # passed to timm.create_model or the entry point
-    weights: str             # "checkpoint", "bundled", "timm-hub", "random-init" or "entry-point"
+    weights: str             # "checkpoint", "bundled", "zoo", "timm-hub", "random-init" or "entry-point"
     family: str = ""         # adapter family (adapters.py)
     outputs: str = "logits"  # "features" for a headless model
     entry: dict | None = None
@@ -369,16 +369,21 @@ def load_model_with_spec(name: str, checkpoint: str | Path | None = None, pretra
         import timm
 
         check_model_name(name)
+        from . import zoo
+
         bundled = name in reference_model.ARCHS
         if checkpoint is None and pretrained is None:
-            pretrained = bundled and reference_model.weights_path(name).is_file()
+            pretrained = (bundled and reference_model.weights_path(name).is_file()) or (
+                name in zoo.MODELS and zoo.MODELS[name]())
             if bundled and not pretrained:
                 log.warning("no bundled weights for %s at %s: using random init "
                             "(train them with `make reference-model` or pass --checkpoint)",
                             name, reference_model.weights_path(name))
+            elif name in zoo.MODELS and not pretrained:
+                log.warning("%s is not prepared on this machine: using random init (run `make real-model`)", name)
         pretrained = bool(pretrained)
         model = _create(timm, name, pretrained, kwargs)
-        source = ("bundled" if bundled else "timm-hub") if pretrained else "random-init"
+        source = ("bundled" if bundled else "zoo" if name in zoo.MODELS else "timm-hub") if pretrained else "random-init"
     adapter = adapter_for(model)
     resampled, path = None, None
     if checkpoint is not None:
@@ -418,7 +423,9 @@ def _create(timm, name: str, pretrained: bool, kwargs: dict) -> nn.Module:
     try:
         return timm.create_model(name, pretrained=pretrained, **kwargs)
     except FileNotFoundError as e:
-        if name in reference_model.ARCHS:  # bundled weights missing
+        from . import zoo
+
+        if name in reference_model.ARCHS or name in zoo.MODELS:  # local weights missing: say how to make them
             raise CompressError(str(e)) from None
         raise CompressError(_hub_message(name, e)) from None
     except (TypeError, ValueError, AssertionError) as e:  # bad keyword or value for this architecture

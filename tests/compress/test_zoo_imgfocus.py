@@ -123,3 +123,14 @@ def test_prepared_backbone_matches_the_onnx_graph():
     card = json.loads(imgfocus.card_path().read_text())
     assert card["parity_vs_onnxruntime"]["passed"]
     assert card["parity_vs_onnxruntime"]["relative_error"] < imgfocus.PARITY_TOLERANCE
+
+
+def test_zoo_model_defaults_to_its_prepared_weights_and_says_how_to_prepare_them(tmp_path, monkeypatch):
+    from compress.errors import CompressError
+    from compress.models import load_model_with_spec
+
+    monkeypatch.setenv("VIT_EDGE_CACHE", str(tmp_path))      # nothing prepared here
+    model, spec = load_model_with_spec("vit_small_patch14_imgfocus", depth=1)
+    assert spec.weights == "random-init" and not spec.pretrained
+    with pytest.raises(CompressError, match="make real-model"):
+        load_model_with_spec("vit_small_patch14_imgfocus", pretrained=True)
