@@ -136,7 +136,8 @@ def cpu_int8_saturates(cpuinfo: str | None = None, machine: str | None = None) -
 
     There MLAS multiplies u8 x s8 pairs with vpmaddubsw, whose int16 pair sums saturate
     for large activations and weights (ORT's quantization docs: use VNNI or reduce_range).
-    TensorRT, ARM and VNNI CPUs accumulate in int32 and compute the QDQ graph exactly.
+    ARM and VNNI CPUs accumulate in int32, as TensorRT's INT8 kernels are documented to; how close a
+    TensorRT engine comes to the QDQ graph has not been measured here (``runtime trt-check`` does it).
     """
     import platform
 
