@@ -70,7 +70,7 @@ def cached_features(model, split: str, num: int, seed: int) -> tuple[np.ndarray,
 
 def fit_logistic(x: np.ndarray, y: np.ndarray, weight_decay: float, classes: int = 10,
                  iters: int = 200) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """Multinomial logistic regression on standardised-by-nothing features: (W, b) float32."""
+    """Multinomial logistic regression (L-BFGS, float64, L2 on W) on raw features: (W, b) float32."""
     X = torch.from_numpy(x).double()
     Y = torch.from_numpy(y).long()
     W = torch.zeros(classes, X.shape[1], dtype=torch.float64, requires_grad=True)
