@@ -266,6 +266,7 @@ def run(config: Config) -> RunResult | None:
             raise CalibrationDataError(f"{calib} has no images left for the {heldout} held-out ones "
                                        f"after {len(images)} calibration images; lower --num-calib or --heldout")
         loader = make_loader(images, model, batch_size=cfg.batch_size)
+        held_x = _tensors(make_loader(held, model, batch_size=cfg.batch_size)) if len(held) else []
     except CalibrationDataError as e:
         raise CompressError(str(e)) from None
     calib_hash = calibration_hash(images)
@@ -346,9 +347,8 @@ def run(config: Config) -> RunResult | None:
                                       damping=cfg.comp_damping, device=dev, seed=cfg.seed,
                                       precision=cfg.gram_precision)
         n_comp = len(images) if comp_batches is loader else sum(len(b[0]) for b in comp_batches)
-        if len(held):
-            comp_check = _validate_compensation_(model, compressed, plan, facts, factors,
-                                                 _tensors(make_loader(held, model, batch_size=cfg.batch_size)))
+        if held_x:
+            comp_check = _validate_compensation_(model, compressed, plan, facts, factors, held_x)
     compressed.eval()
     lap("compensation")
 
@@ -359,8 +359,7 @@ def run(config: Config) -> RunResult | None:
 
         rcfg = RefineConfig(seq=cfg.seq_refit, recon_steps=cfg.recon_steps, recon_lr=cfg.recon_lr,
                             damping=cfg.refine_damping, seed=cfg.seed)
-        refined = refine_(model, compressed, _tensors(loader),
-                          _tensors(make_loader(held, model, batch_size=cfg.batch_size)), rcfg)
+        refined = refine_(model, compressed, _tensors(loader), held_x, rcfg)
         lap("refinement")
 
     # 5b. optional recovery fine-tuning (beyond the paper): before INT8, so the ranges fit the tuned factors

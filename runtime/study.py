@@ -129,9 +129,10 @@ def _metrics(feats, logits, labels, ref_feats, ref_logits) -> dict:
         if s is not None:
             out.update(top1=s.top1, top5=s.top5, agreement=s.agreement, kl=s.kl)
     if ref_feats is not None:
-        a, b = feats.astype(np.float64), ref_feats.astype(np.float64)
-        cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-30)
-        out.update(feature_cosine=float(cos.mean()), feature_cosine_min=float(cos.min()))
+        from compress.refine import output_cosine
+
+        mean, low = output_cosine(torch.from_numpy(feats), torch.from_numpy(ref_feats))
+        out.update(feature_cosine=mean, feature_cosine_min=low)
     return out
 
 
