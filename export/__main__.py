@@ -54,9 +54,11 @@ def main(argv=None) -> int:
             report = export_compressed(args.compressed, args.out, options)
         for name, f in report["files"].items():
             p = f["parity"]
-            print(f"{name:18s} {f['bytes'] / 1e6:8.2f} MB  pairs {f['lowrank_pairs']:3d}  "
-                  f"max|d| {p['max_abs']:.2e}  " + (f"top-1 {p['top1_agreement']:.1%}" if p["top1_agreement"] is not None
-                                                    else f"features cos >= {p['cosine_min']:.4f}"))
+            a = p.get("accuracy")
+            check = (f"rel. L2 to float {a['file_error']:.4f} (fake-quant {a['fake_quant_error']:.4f})" if a else
+                     f"max|d| {p['max_abs']:.2e}  " + (f"top-1 {p['top1_agreement']:.1%}" if p["top1_agreement"] is not None
+                                                       else f"features cos >= {p['cosine_min']:.4f}"))
+            print(f"{name:20s} {f['bytes'] / 1e6:8.2f} MB  pairs {f['lowrank_pairs']:3d}  {check}")
         print(f"wrote {len(report['files'])} ONNX files and export_report.json to {args.out}")
         return 0
 

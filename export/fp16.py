@@ -11,7 +11,9 @@ A QDQ (int8) graph converts too, into what a strongly typed TensorRT network run
 GEMMs with FP16 everywhere else (ModelOpt's default): Q/DQ scales become float16, which
 QuantizeLinear/DequantizeLinear accept from opset 19 on. A scale below float16's smallest
 normal number (6.1e-5) is raised to it; a weight channel with such a scale is re-quantized
-to the raised scale (error <= 3.1e-5 absolute), so no scale underflows to zero.
+to the raised scale (error <= 3.1e-5 absolute), so no scale underflows to zero. Before that,
+``fp16_gauge`` moves a power of two between the factors of each low-rank pair, which is exact
+for the int8 graph (every int8 value stays the same), so pair scales rarely need raising.
 """
 from __future__ import annotations
 
@@ -95,6 +97,54 @@ def to_fp16(proto):
         replace_tensor(prod.outputs, out, half)
         graph.nodes.append(_cast(f"{out.name}.cast_fp32", half, out, onnx.TensorProto.FLOAT))
     return to_proto(graph, proto)
+
+
+def fp16_gauge(proto, specs: list) -> tuple:
+    """(proto, specs) with, for each low-rank pair, first -> 2^k first, h -> 2^k h, second -> second 2^-k
+    (float weights in a copy of ``proto`` and int8 scales in the specs), k chosen so the weight scales of
+    both factors are float16 normals where one shift can do it.
+
+    Exact in the int8 graph: per-row weight scales and the per-tensor scale of h scale by 2^k with the
+    values, so every int8 value and every dequantized product stays the same (the fp32 graph's factors
+    are free to sit at any such gauge; SVD leaves the first factor's rows small for large inputs).
+    Rows at compress.quantize's zero floor (all-zero weights) are ignored: their scale multiplies 0.
+    """
+    from dataclasses import replace
+
+    import onnx_graphsurgeon as gs
+
+    from .qdq import AMAX_EPS, QMAX
+
+    graph = gs.import_onnx(proto)
+    nodes = {n.name: n for n in graph.nodes}
+    floor = 2 * AMAX_EPS / QMAX  # above the scale of an all-zero row
+    out = []
+    for q in specs:
+        first, second = f"{q.layer}.first", f"{q.layer}.second"
+        if first not in q.weights or q.mid_amax is None:
+            out.append(q)
+            continue
+        (w1, s1), (w2, s2) = q.weights[first], q.weights[second]
+        live1, live2 = s1[s1 > floor], s2[s2 > floor]
+        if not live1.size or not live2.size:
+            out.append(q)
+            continue
+        lo = int(np.ceil(np.log2(FP16_TINY / live1.min())))        # first's rows need k >= lo
+        hi = int(np.floor(np.log2(live2.min() / FP16_TINY)))       # second's rows allow k <= hi
+        top = int(np.floor(np.log2(FP16_MAX / 2 / max(q.mid_amax, AMAX_EPS))))  # h stays in range
+        k = max(0, min(lo, hi, top))
+        if k == 0:
+            out.append(q)
+            continue
+        c = np.float32(2.0 ** k)
+        for name, f in ((first, c), (second, 1 / c)):
+            w = nodes[name].inputs[1] if name in nodes else None
+            if not isinstance(w, gs.Constant):
+                raise ExportError(f"low-rank factor {name} is not a MatMul by a constant in the exported graph")
+            nodes[name].inputs[1] = gs.Constant(w.name, (np.asarray(w.values) * f).astype(w.values.dtype))
+        out.append(replace(q, mid_amax=q.mid_amax * float(c),
+                           weights={**q.weights, first: (w1, s1 * c), second: (w2, s2 / c)}))
+    return to_proto(graph, proto), out
 
 
 def graph_opset(proto) -> int:

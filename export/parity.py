@@ -29,19 +29,67 @@ class Tolerance:
     rtol: float
     min_top1: float
     min_cosine: float = 0.99   # features (headless models): per-image cosine to the reference
+    # INT8 only: the file's rel. L2 distance to the float model may exceed the fake-quant model's by this
+    # factor (plus 0.005); this, not the element-wise comparison with fake-quant, is the INT8 gate
+    max_error_ratio: float | None = None
 
 
 # fp32: same math, different kernels. fp16: half weights/compute against fp32 PyTorch.
-# int8: the same int8 weights and scales as PyTorch fake-quant, but float accumulation order
-# differs between ORT and PyTorch, so a few values per layer land on the other side of a
-# rounding boundary and the one-step flips propagate through the later quantizers (measured
-# on random-init 6-block ViTs: ~2% relative logit error, about half the INT8 error itself).
-# The int8 bound catches wrong scales, weights or layouts (errors of the order of the logits).
+# int8: the same int8 weights and scales as PyTorch fake-quant, but float accumulation order differs
+# between ORT and PyTorch, so a few values per layer land on the other side of a rounding boundary and
+# the one-step flips propagate through the later quantizers. On a deep trained network this is chaotic:
+# on the real ViT-S/14 a 1e-6 relative input perturbation moves the fake-quant model's logits by 8.7%
+# rel. L2, about as much as INT8 itself moves them (11.4%), so the file and fake-quant are two draws of
+# the same rounding noise and cannot agree element-wise. The INT8 gate is therefore accuracy against
+# the float model: the file must be about as close to it as the fake-quant model is (wrong scales,
+# weights or layouts are many times worse). Layer by layer the file equals fake-quant to float
+# rounding (tests/export/test_export_parity.py); the element-wise comparison is reported, not gated.
 TOLERANCES = {
     "fp32": Tolerance(atol=1e-4, rtol=1e-3, min_top1=0.99, min_cosine=0.9999),
     "fp16": Tolerance(atol=1e-2, rtol=1e-2, min_top1=0.95, min_cosine=0.999),
-    "int8": Tolerance(atol=0.1, rtol=0.1, min_top1=0.9, min_cosine=0.95),
+    "int8": Tolerance(atol=0.1, rtol=0.1, min_top1=0.9, min_cosine=0.95, max_error_ratio=1.25),
 }
+ERROR_SLACK = 0.005   # absolute rel. L2 slack of the INT8 gate (models whose INT8 error is ~0)
+
+
+def rel_l2(y: np.ndarray, ref: np.ndarray) -> float:
+    y, ref = y.astype(np.float64), ref.astype(np.float64)
+    return float(np.linalg.norm(y - ref) / max(np.linalg.norm(ref), 1e-30))
+
+
+def _top1(y: np.ndarray, ref: np.ndarray) -> float:
+    return float(np.mean(y.reshape(len(y), -1).argmax(1) == ref.reshape(len(ref), -1).argmax(1)))
+
+
+@dataclass(frozen=True)
+class QuantAccuracy:
+    """The INT8 gate: the file's and the fake-quant model's distance to the float model, same images."""
+    images: int
+    file_error: float               # rel. L2 of the file's outputs to the float model's
+    fake_quant_error: float         # rel. L2 of PyTorch fake-quant's outputs to the float model's
+    file_top1: float | None         # top-1 agreement with the float model (None for features)
+    fake_quant_top1: float | None
+    max_ratio: float
+
+    @property
+    def passed(self) -> bool:
+        return self.file_error <= self.max_ratio * self.fake_quant_error + ERROR_SLACK
+
+    def __str__(self) -> str:
+        top1 = ("" if self.file_top1 is None else
+                f", top-1 agreement {self.file_top1:.1%} vs {self.fake_quant_top1:.1%}")
+        return (f"rel. L2 to the float model {self.file_error:.4f} vs fake-quant's {self.fake_quant_error:.4f} "
+                f"(max {self.max_ratio:g}x + {ERROR_SLACK:g}){top1}")
+
+
+def quant_accuracy(file_out: np.ndarray, fake_quant_out: np.ndarray, float_out: np.ndarray,
+                   tolerance: Tolerance, outputs: str = "logits") -> QuantAccuracy:
+    logits = outputs == "logits"
+    return QuantAccuracy(images=len(float_out), file_error=rel_l2(file_out, float_out),
+                         fake_quant_error=rel_l2(fake_quant_out, float_out),
+                         file_top1=_top1(file_out, float_out) if logits else None,
+                         fake_quant_top1=_top1(fake_quant_out, float_out) if logits else None,
+                         max_ratio=float(tolerance.max_error_ratio))
 
 
 @dataclass(frozen=True)
@@ -62,9 +110,12 @@ class ParityResult:
     within_tolerance: bool
     outputs: str = "logits"           # or "features" (headless model)
     cosine_min: float = 1.0           # smallest per-image cosine to the reference
+    accuracy: QuantAccuracy | None = None   # INT8 files: the gate (see TOLERANCES)
 
     @property
     def passed(self) -> bool:
+        if self.accuracy is not None:
+            return self.accuracy.passed
         if self.outputs == "features":
             return self.within_tolerance and self.cosine_min >= self.tolerance.min_cosine
         return self.within_tolerance and self.top1_decisive >= self.tolerance.min_top1
@@ -82,14 +133,19 @@ class ParityResult:
         t = self.tolerance
         gate = (f"min {t.min_cosine:g}" if self.outputs == "features" else
                 f"{self.top1_decisive:.2%} of {self.decisive_images} non-tied (min {t.min_top1:.0%})")
-        return (f"{self.file} vs {self.reference} on {self.images} images: max abs {self.max_abs:.3g} "
-                f"(scale {self.logit_scale:.3g}, tol {t.atol:g}x), max rel {self.max_rel:.3g} "
+        head = f"{self.file} vs {self.reference} on {self.images} images: max abs {self.max_abs:.3g} "
+        if self.accuracy is not None:
+            return (head + f"(reported), rel L2 {self.rel_l2:.3g}, {self.agreement()}; gate: {self.accuracy}: "
+                    f"{'PASS' if self.passed else 'FAIL'}")
+        return (head + f"(scale {self.logit_scale:.3g}, tol {t.atol:g}x), max rel {self.max_rel:.3g} "
                 f"(tol {t.rtol:g}), rel L2 {self.rel_l2:.3g}, {self.agreement()}, {gate}: "
                 f"{'PASS' if self.passed else 'FAIL'}")
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["passed"] = self.passed
+        if self.accuracy is not None:
+            d["accuracy"]["passed"] = self.accuracy.passed
         return d
 
 
@@ -170,12 +226,14 @@ def _ort_session(path: str, threads: int, int8_kernels: bool):
 
 def check_parity(onnx_path, model, batches: list[np.ndarray], tolerance: Tolerance,
                  reference: str = "pytorch", threads: int = 1, int8_kernels: bool = False,
-                 outputs: str = "logits") -> ParityResult:
+                 outputs: str = "logits", float_outputs: np.ndarray | None = None) -> ParityResult:
     """Run ``model`` and the ONNX file on ``batches`` (float32 NCHW) and compare the logits.
 
     By default ORT keeps QuantizeLinear/DequantizeLinear as float ops, so an INT8 file is checked
     for what it computes on any exact int8 engine (TensorRT, VNNI/ARM CPUs); ``int8_kernels``
     lets ORT fuse them into its int8 GEMMs instead, to see what this CPU's kernels give.
+    ``float_outputs`` (INT8 files, ``model`` fake-quantized): the float model's outputs on the same
+    batches, for the INT8 gate (``QuantAccuracy``); without them the element-wise comparison gates.
     """
     from pathlib import Path
 
@@ -214,12 +272,13 @@ def check_parity(onnx_path, model, batches: list[np.ndarray], tolerance: Toleran
         max_abs=float(max(r.max_absdiff for r in per_iter)),
         max_rel=float(max(r.max_reldiff for r in per_iter)),
         mean_abs=float(np.abs(out.astype(np.float64) - ref).mean()),
-        rel_l2=float(np.linalg.norm(out.astype(np.float64) - ref) / max(np.linalg.norm(ref), 1e-30)),
+        rel_l2=rel_l2(out, ref),
         logit_scale=scale,
         top1_agreement=None if agree is None else float(np.mean(agree)),
         decisive_images=int(decisive.sum()),
         top1_decisive=None if agree is None else float(np.mean(agree[decisive])) if decisive.any() else 1.0,
         tolerance=tolerance, within_tolerance=bool(accuracy), outputs=outputs,
-        cosine_min=float(cosine.min()))
+        cosine_min=float(cosine.min()),
+        accuracy=None if float_outputs is None else quant_accuracy(out, ref, float_outputs, tolerance, outputs))
     log.info("%s", result)
     return result

@@ -244,10 +244,12 @@ def export_compressed(compressed_dir, out_dir, options: ExportOptions | None = N
         (tmp / "export_report.json").write_text(json.dumps(report, indent=2, default=_json_default))
     if failed:
         p = files[failed[0]]["parity"]
+        a = p.get("accuracy")
         agree = (f"top-1 {p['top1_agreement']:.1%}" if p.get("outputs", "logits") == "logits"
                  else f"min feature cosine {p['cosine_min']:.4f}")
-        raise ParityError(f"parity failed for {', '.join(failed)} (e.g. {failed[0]}: max abs "
-                          f"{p['max_abs']:.3g}, {agree}); no ONNX written, "
+        what = (f"rel. L2 to the float model {a['file_error']:.3g}, fake-quant's {a['fake_quant_error']:.3g}" if a
+                else f"max abs {p['max_abs']:.3g}, {agree}")
+        raise ParityError(f"parity failed for {', '.join(failed)} (e.g. {failed[0]}: {what}); no ONNX written, "
                           f"see {out / 'export_report.json'}")
     return report
 
@@ -256,32 +258,36 @@ def int8_fp16(proto, qspecs):
     """The INT8 QDQ graph of an fp32 ``proto`` with float16 everywhere else, for TensorRT (opset >= 19)."""
     import onnx
 
-    from .fp16 import QDQ_FP16_OPSET, graph_opset, to_fp16
+    from .fp16 import QDQ_FP16_OPSET, fp16_gauge, graph_opset, to_fp16
     from .qdq import insert_qdq
 
     if graph_opset(proto) < QDQ_FP16_OPSET:
         proto = onnx.version_converter.convert_version(proto, QDQ_FP16_OPSET)
-    return to_fp16(insert_qdq(proto, qspecs))
+    return to_fp16(insert_qdq(*fp16_gauge(proto, qspecs)))
 
 
 def check_file(path: Path, model, precision: str, ranges: dict | None, batches, threads: int,
                ort_kernels: bool = True, outputs: str = "logits") -> dict:
     """Stats + parity of one written file; int8 files are compared with the fake-quant model (and,
     with ``ort_kernels``, ONNX Runtime's own int8 kernels are reported beside the graph's meaning)."""
-    from compress.quantize import apply_fake_quant_, remove_fake_quant_
+    import torch
+
+    from compress.quantize import apply_fake_quant_, model_outputs, remove_fake_quant_
 
     from .parity import TOLERANCES, check_parity, cpu_int8_saturates
     from .stats import graph_stats
 
     reference = "pytorch " + ("fake-quant int8" if ranges is not None else "fp32")
-    kernels = None
-    if ranges is not None:
+    kernels = float_out = None
+    if ranges is not None:   # the INT8 gate is accuracy against the float model (export.parity.TOLERANCES)
+        float_out = model_outputs(model, [torch.from_numpy(b) for b in batches]).flatten(1).numpy()
         apply_fake_quant_(model, ranges)
     try:
-        parity = check_parity(path, model, batches, TOLERANCES[precision], reference, threads, outputs=outputs)
+        parity = check_parity(path, model, batches, TOLERANCES[precision], reference, threads, outputs=outputs,
+                              float_outputs=float_out)
         if ranges is not None and ort_kernels:   # what ORT's int8 kernels give on this CPU: reported, not gated
             kernels = check_parity(path, model, batches, TOLERANCES[precision], reference, threads,
-                                   int8_kernels=True, outputs=outputs)
+                                   int8_kernels=True, outputs=outputs, float_outputs=float_out)
     finally:
         if ranges is not None:
             remove_fake_quant_(model)

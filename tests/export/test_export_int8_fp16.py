@@ -117,3 +117,44 @@ def test_a_qdq_graph_below_opset_19_is_refused():
     q, s = np.ones((4, 2), np.int8), np.full(2, 0.1, np.float32)
     with pytest.raises(ExportError, match="needs opset >= 19"):
         to_fp16(_dq_matmul_graph(q, s, 17))
+
+
+def test_fp16_gauge_makes_pair_scales_normal_and_keeps_every_product():
+    """A pair whose first factor has float16-subnormal row scales (small rows for large inputs) gets a
+    power of two moved into it from the second factor: int8 values untouched, the float graph's output
+    unchanged, the QDQ graph built from both equal to float rounding."""
+    from export.fp16 import fp16_gauge
+    from export.qdq import QuantizedLinear, insert_qdq
+
+    rng = np.random.default_rng(0)
+    f1 = (rng.standard_normal((8, 16)) * 1e-4).astype(np.float32)
+    f1[0] = 0                                             # an all-zero row: its floor scale is ignored
+    f2 = rng.standard_normal((12, 8)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["input", "w1"], ["h"], name="l.first"),
+             helper.make_node("MatMul", ["h", "w2"], ["logits"], name="l.second")]
+    g = helper.make_graph(nodes, "pair", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [4, 16])],
+                          [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [4, 12])],
+                          [numpy_helper.from_array(f1.T.copy(), "w1"), numpy_helper.from_array(f2.T.copy(), "w2")])
+    proto = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+    def int8(w):
+        s = np.maximum(np.abs(w).max(1), 1e-12) / 127
+        return np.clip(np.round(w / s[:, None]), -127, 127).astype(np.int8), s.astype(np.float32)
+
+    x = (rng.standard_normal((4, 16)) * 50).astype(np.float32)
+    (w1, s1), (w2, s2) = int8(f1), int8(f2)
+    assert s1[1:].max() < FP16_TINY
+    q = QuantizedLinear("l", float(np.abs(x).max()), float(np.abs(x @ f1.T).max()),
+                        {"l.first": (w1, s1), "l.second": (w2, s2)})
+    gauged, (g,) = fp16_gauge(proto, [q])
+    (g1, t1), (g2, t2) = g.weights["l.first"], g.weights["l.second"]
+    assert g1 is w1 and g2 is w2 and g.input_amax == q.input_amax
+    assert t1[1:].min() >= FP16_TINY and t2.min() >= FP16_TINY
+    c = t1[1] / s1[1]
+    assert c == 2.0 ** round(np.log2(c)) and c > 1          # an exact power of two
+    np.testing.assert_allclose(g.mid_amax, q.mid_amax * c)
+    np.testing.assert_array_equal(t2 * c, s2)
+    np.testing.assert_allclose(_run(gauged, x), _run(proto, x), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(_run(insert_qdq(gauged, [g]), x), _run(insert_qdq(proto, [q]), x), rtol=1e-5, atol=1e-6)
+    dense = QuantizedLinear("d", 1.0, None, {"d": (w2, s2)})
+    assert fp16_gauge(proto, [dense])[1] == [dense]       # plain layers and healthy pairs are left alone

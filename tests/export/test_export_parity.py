@@ -150,3 +150,31 @@ def test_deit_tiny_exports_match_pytorch(tmp_path):
     res = _export_and_check(dense, model, ranges, dense_ranges, (3, 224, 224),
                             [b.numpy() for b in batches], tmp_path)
     assert np.isfinite([r.max_abs for r in res.values()]).all()
+
+
+def test_int8_gate_is_accuracy_against_the_float_model(tiny, tiny_onnx, cifar_batches, tmp_path):
+    """The INT8 gate compares the file's distance to the float model with fake-quant's: the exported file
+    passes; the same file with one weight scale off by 4x (a wrong-scale bug) fails it."""
+    import onnx
+    from onnx import numpy_helper
+
+    from compress.quantize import model_outputs
+
+    model, ranges = tiny["model"], tiny["ranges"]
+    float_out = model_outputs(model, [torch.from_numpy(b) for b in cifar_batches]).numpy()
+    proto = onnx.load(tiny_onnx["model.int8.onnx"])
+    scale = next(i for i in proto.graph.initializer if i.name.endswith("fc1.second.weight_scale"))
+    scale.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(scale) * 4, scale.name))
+    broken = tmp_path / "broken.int8.onnx"
+    onnx.save(proto, str(broken))
+    apply_fake_quant_(model, ranges)
+    try:
+        good = check_parity(tiny_onnx["model.int8.onnx"], model, cifar_batches, TOLERANCES["int8"],
+                            float_outputs=float_out)
+        bad = check_parity(broken, model, cifar_batches, TOLERANCES["int8"], float_outputs=float_out)
+    finally:
+        remove_fake_quant_(model)
+    assert good and good.accuracy.passed, str(good)
+    assert 0 < good.accuracy.fake_quant_error < 0.5 and good.accuracy.file_top1 is not None
+    assert not bad and bad.accuracy.file_error > 1.25 * bad.accuracy.fake_quant_error, str(bad)
+    assert good.to_dict()["accuracy"]["passed"] and not bad.to_dict()["passed"]
