@@ -91,23 +91,32 @@ def modelopt_int8(onnx_path, calibration: np.ndarray, out_path,
     import contextlib
     import dataclasses
     import io
+    import os
+    import shutil
+    import tempfile
 
     version = modelopt_version()
     from modelopt.onnx.quantization import quantize
 
-    out_path = Path(out_path)
-    kwargs = quantize_arguments(onnx_path, calibration, out_path, settings)
-    log.info("ModelOpt %s: quantizing %s on %d calibration images", version, Path(onnx_path).name, len(calibration))
-    try:
-        with contextlib.redirect_stdout(io.StringIO()) as said:   # ONNX Runtime's calibrator prints per batch
-            quantize(**kwargs)
-        log.debug("%s", said.getvalue())
-    except Exception as e:  # a third-party tool: whatever it raises is reported in one line
-        raise ExportError(f"ModelOpt {version} failed on {Path(onnx_path).name}: "
-                          f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
-    if not out_path.is_file():
-        raise ExportError(f"ModelOpt {version} wrote no {out_path.name}")
     import onnx
+
+    onnx_path, out_path = Path(onnx_path), Path(out_path)
+    log.info("ModelOpt %s: quantizing %s on %d calibration images", version, onnx_path.name, len(calibration))
+    # ModelOpt rewrites its input file (it names unnamed nodes) and leaves files beside it: it works on
+    # a copy in a folder of its own, so dense.onnx stays the file export checked
+    with tempfile.TemporaryDirectory(prefix=".modelopt-", dir=out_path.parent) as work:
+        src, dst = Path(work) / onnx_path.name, Path(work) / out_path.name
+        shutil.copyfile(onnx_path, src)
+        try:
+            with contextlib.redirect_stdout(io.StringIO()) as said:   # ONNX Runtime's calibrator prints per batch
+                quantize(**quantize_arguments(src, calibration, dst, settings))
+            log.debug("%s", said.getvalue())
+        except Exception as e:  # a third-party tool: whatever it raises is reported in one line
+            raise ExportError(f"ModelOpt {version} failed on {onnx_path.name}: "
+                              f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+        if not dst.is_file():
+            raise ExportError(f"ModelOpt {version} wrote no {out_path.name}")
+        os.replace(dst, out_path)
 
     return {"tool": f"nvidia-modelopt {version}", "settings": dataclasses.asdict(settings),
             "calibration_images": len(calibration), **qdq_summary(onnx.load(str(out_path)))}

@@ -89,7 +89,10 @@ def test_modelopt_int8_quantizes_the_dense_onnx(tiny, tiny_onnx, cifar_batches, 
 
     x = np.concatenate(cifar_batches)
     out = tmp_path / FILENAME
+    before = tiny_onnx["dense.onnx"].read_bytes()
     info = modelopt_int8(tiny_onnx["dense.onnx"], x, out)
+    assert tiny_onnx["dense.onnx"].read_bytes() == before        # ModelOpt works on a copy
+    assert [p.name for p in tmp_path.iterdir()] == [FILENAME]    # and leaves nothing else behind
     assert info["tool"].startswith("nvidia-modelopt ") and info["calibration_images"] == len(x)
     assert info["matmuls_quantized"] >= 8            # 2 blocks x (qkv, proj, fc1, fc2)
     proto = onnx.load(str(out))
