@@ -236,9 +236,11 @@ def read_manifest(path: str | Path) -> dict:
     if manifest.get("format_version", 0) > FORMAT_VERSION:
         raise CompressError(f"{mp} has format version {manifest['format_version']}; this code reads "
                             f"<= {FORMAT_VERSION}")
+    from calibration_data import is_spec
+
     for section, key in (("model", "checkpoint"), ("calibration", "path")):
         p = (manifest.get(section) or {}).get(key)
-        if p and not Path(p).expanduser().is_absolute():
+        if p and not is_spec(p) and not Path(p).expanduser().is_absolute():   # 'cifar10:train' is no path
             manifest[section][key] = str((d / Path(p).expanduser()).absolute())
     return manifest
 

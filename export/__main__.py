@@ -1,4 +1,4 @@
-"""python -m export --compressed DIR --out DIR [--opset 17] [--no-int8] [--no-fp16] [--calib DIR --num-parity N]"""
+"""python -m export --compressed DIR --out DIR [--opset 17] [--no-int8] [--no-fp16] [--modelopt] [--calib DIR --num-parity N]"""
 from __future__ import annotations
 
 import argparse
@@ -20,6 +20,10 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (>= 17; default 17)")
     p.add_argument("--no-int8", dest="int8", action="store_false", help="skip the INT8 QDQ files")
     p.add_argument("--no-fp16", dest="fp16", action="store_false", help="skip the FP16 files")
+    p.add_argument("--modelopt", action="store_true",
+                   help="also write dense.modelopt-int8.onnx, NVIDIA ModelOpt's INT8 PTQ of dense.onnx on the "
+                        "compress calibration images: the peer baseline (needs the extra: "
+                        "pip install 'vit-edge[modelopt]')")
     p.add_argument("--calib", default=None,
                    help="image folder for the parity checks (default: the model's bundled calibration set)")
     p.add_argument("--num-parity", type=int, default=64, help="images per parity check (default 64)")
@@ -50,7 +54,7 @@ def main(argv=None) -> int:
             from .pipeline import ExportOptions, export_compressed
 
             options = ExportOptions(opset=args.opset, int8=args.int8, fp16=args.fp16, calib=args.calib,
-                                    num_parity=args.num_parity, threads=args.threads)
+                                    num_parity=args.num_parity, threads=args.threads, modelopt=args.modelopt)
             report = export_compressed(args.compressed, args.out, options)
         for name, f in report["files"].items():
             p = f["parity"]
@@ -58,7 +62,7 @@ def main(argv=None) -> int:
             check = (f"rel. L2 to float {a['file_error']:.4f} (fake-quant {a['fake_quant_error']:.4f})" if a else
                      f"max|d| {p['max_abs']:.2e}  " + (f"top-1 {p['top1_agreement']:.1%}" if p["top1_agreement"] is not None
                                                        else f"features cos >= {p['cosine_min']:.4f}"))
-            print(f"{name:20s} {f['bytes'] / 1e6:8.2f} MB  pairs {f['lowrank_pairs']:3d}  {check}")
+            print(f"{name:24s} {f['bytes'] / 1e6:8.2f} MB  pairs {f['lowrank_pairs']:3d}  {check}")
         print(f"wrote {len(report['files'])} ONNX files and export_report.json to {args.out}")
         return 0
 

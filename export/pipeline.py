@@ -1,4 +1,6 @@
 """Compressed directory -> the eight ONNX files + export_report.json, each checked against PyTorch.
+With ``modelopt``, a ninth: dense.modelopt-int8.onnx, NVIDIA ModelOpt's INT8 of dense.onnx, the
+peer baseline (export.modelopt_baseline; its parity is reported, not gated).
 
     dense.onnx / dense.int8.onnx / dense.fp16.onnx / dense.int8-fp16.onnx   the original model (the baseline)
     model.onnx / model.int8.onnx / model.fp16.onnx / model.int8-fp16.onnx   the compressed model (low-rank pairs)
@@ -42,6 +44,7 @@ class ExportOptions:
     batch_size: int = 32
     threads: int = 1           # ONNX Runtime intra-op threads for the parity runs
     device: str = "cpu"
+    modelopt: bool = False     # also write the peer baseline dense.modelopt-int8.onnx (export.modelopt_baseline)
 
     def __post_init__(self):
         check_opset(self.opset)
@@ -200,6 +203,9 @@ def export_compressed(compressed_dir, out_dir, options: ExportOptions | None = N
     from .qdq import insert_qdq
 
     options = options or ExportOptions()
+    if options.modelopt:   # before any work: a missing optional extra is one line
+        from .modelopt_baseline import modelopt_version
+        modelopt_version()
     model, manifest, dense = load_artifacts(compressed_dir)
     quant = manifest.get("quant") or {}
     ranges = {"model": quant.get("act_ranges"), "dense": quant.get("dense_act_ranges")}
@@ -235,10 +241,12 @@ def export_compressed(compressed_dir, out_dir, options: ExportOptions | None = N
                 onnx.save(p, str(tmp / fname))
                 files[fname] = check_file(tmp / fname, m, precision, r, batches, options.threads,
                                           ort_kernels=not fname.endswith("-fp16.onnx"), outputs=outputs)
+        if options.modelopt:
+            files.update(modelopt_file(tmp, manifest, dense, batches, options.threads, outputs))
         for fname in files:
             files[fname]["sha256"] = _sha256(tmp / fname)
         report = dict(build_report(manifest, models, options, calib, files), source=source)
-        failed = [f for f, s in files.items() if not s["parity"]["passed"]]
+        failed = [f for f, s in files.items() if not s["parity"]["passed"] and "baseline" not in s]
         for fname in files if failed else ():
             (tmp / fname).unlink()
         (tmp / "export_report.json").write_text(json.dumps(report, indent=2, default=_json_default))
@@ -252,6 +260,19 @@ def export_compressed(compressed_dir, out_dir, options: ExportOptions | None = N
         raise ParityError(f"parity failed for {', '.join(failed)} (e.g. {failed[0]}: {what}); no ONNX written, "
                           f"see {out / 'export_report.json'}")
     return report
+
+
+def modelopt_file(tmp: Path, manifest: dict, dense, batches, threads: int, outputs: str) -> dict:
+    """ModelOpt's INT8 of ``tmp/dense.onnx`` (the peer baseline): its stats, and its parity against
+    PyTorch FP32 at the INT8 tolerance, reported but not gated (it is not this project's quantizer)."""
+    from .modelopt_baseline import FILENAME, calibration_images, modelopt_int8
+
+    baseline = modelopt_int8(tmp / "dense.onnx", calibration_images(manifest, dense), tmp / FILENAME)
+    stats = check_file(tmp / FILENAME, dense, "int8", None, batches, threads, outputs=outputs)
+    if not stats["parity"]["passed"]:
+        log.warning("%s is further from PyTorch FP32 than the INT8 tolerance (max abs %.3g): kept, it is "
+                    "the baseline as ModelOpt makes it", FILENAME, stats["parity"]["max_abs"])
+    return {FILENAME: {**stats, "baseline": baseline}}
 
 
 def int8_fp16(proto, qspecs):
@@ -331,7 +352,7 @@ def build_report(manifest, models, options, calib, files) -> dict:
                            for n, m in lowrank_layers(models["model"]).items()},
         "tolerances": {k: asdict(v) for k, v in TOLERANCES.items()},
         "files": files,
-        "passed": all(f["parity"]["passed"] for f in files.values()),
+        "passed": all(f["parity"]["passed"] for f in files.values() if "baseline" not in f),
         "versions": {"python": sys.version.split()[0], "torch": torch.__version__, "timm": timm.__version__,
                      "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
                      "onnx_graphsurgeon": onnx_graphsurgeon.__version__,

@@ -70,7 +70,8 @@ def _option(text: str) -> tuple[str, object]:
 def _add_bench(sub) -> None:
     p = sub.add_parser("bench", help="latency/memory of dense vs low-rank variants, interleaved",
                        description="Benchmark the variants of an export directory (dense.onnx, dense.int8.onnx, "
-                                   "model.onnx, model.int8.onnx, *.fp16.onnx on GPU backends) side by side.")
+                                   "model.onnx, model.int8.onnx, ModelOpt's dense.modelopt-int8.onnx; *.fp16.onnx "
+                                   "on GPU backends, the TensorRT *.int8-fp16.onnx on trt) side by side.")
     p.add_argument("--onnx-dir", required=True, help="export directory (python -m export --out)")
     p.add_argument("--backend", default="ort", help="ort | ort-cuda | trt (default: ort)")
     p.add_argument("--engine-dir", default=None,

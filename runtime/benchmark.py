@@ -39,15 +39,24 @@ class Variant:
     filename: str
     family: str      # "dense" or "lowrank"
     precision: str   # "fp32", "int8", "fp16"
+    backends: frozenset[str] | None = None   # measured by default only there (None: on every backend)
 
 
-# The export stage's file names (export/: dense*.onnx is the uncompressed model, model*.onnx the low-rank one).
+# *.int8-fp16.onnx (INT8 GEMMs, FP16 elsewhere) is the TensorRT file: ONNX Runtime's CPU provider
+# has no fused int8 kernels for float16 Q/DQ and runs it as float ops (docs/tensorrt.md).
+TENSORRT_ONLY = frozenset({"trt"})
+
+# The export stage's file names (export/: dense*.onnx is the uncompressed model, model*.onnx the
+# low-rank one, dense.modelopt-int8.onnx NVIDIA ModelOpt's INT8 of dense.onnx: the peer baseline).
 VARIANTS = (
     Variant("dense-fp32", "dense.onnx", "dense", "fp32"),
     Variant("dense-int8", "dense.int8.onnx", "dense", "int8"),
+    Variant("dense-int8-fp16", "dense.int8-fp16.onnx", "dense", "int8", TENSORRT_ONLY),
+    Variant("dense-modelopt-int8", "dense.modelopt-int8.onnx", "dense", "int8"),
     Variant("dense-fp16", "dense.fp16.onnx", "dense", "fp16"),
     Variant("lowrank-fp32", "model.onnx", "lowrank", "fp32"),
     Variant("lowrank-int8", "model.int8.onnx", "lowrank", "int8"),
+    Variant("lowrank-int8-fp16", "model.int8-fp16.onnx", "lowrank", "int8", TENSORRT_ONLY),
     Variant("lowrank-fp16", "model.fp16.onnx", "lowrank", "fp16"),
 )
 
@@ -98,7 +107,8 @@ def find_variants(onnx_dir, config: BenchConfig) -> list[tuple[Variant, Path]]:
     for v in VARIANTS:
         if config.variants is not None and v.name not in config.variants:
             continue
-        if v.precision == "fp16" and not config.fp16 and config.variants is None:
+        if config.variants is None and ((v.precision == "fp16" and not config.fp16)
+                                        or (v.backends is not None and config.backend not in v.backends)):
             continue
         path = model_dir / model_file(v, engine)
         if path.is_file():
@@ -110,6 +120,25 @@ def find_variants(onnx_dir, config: BenchConfig) -> list[tuple[Variant, Path]]:
         hint = "python -m runtime engine" if engine else "python -m export"
         raise RuntimeStageError(f"{model_dir} holds none of {names}; run `{hint}` first")
     return found
+
+
+def left_out(onnx_dir, config: BenchConfig) -> dict[str, str]:
+    """Variants present in the directory that this configuration does not measure by default, and why."""
+    if config.variants is not None:
+        return {}
+    engine = config.engine_dir is not None
+    model_dir = Path(config.engine_dir if engine else onnx_dir)
+    out = {}
+    for v in VARIANTS:
+        if not (model_dir / model_file(v, engine)).is_file():
+            continue
+        if v.precision == "fp16" and not config.fp16:
+            out[v.name] = "FP16 files are timed on GPU backends by default (--fp16 to include them)"
+        elif v.backends is not None and config.backend not in v.backends:
+            out[v.name] = (f"the TensorRT file, timed on {', '.join(sorted(v.backends))} by default: ONNX Runtime's "
+                           "CPU provider runs its float16 Q/DQ graph as float ops, several times slower than "
+                           "*.int8.onnx (--variants to time it anyway)")
+    return out
 
 
 def interleaved_schedule(names: list[str], repeats: int) -> Iterator[tuple[int, str]]:
@@ -247,4 +276,5 @@ def run_benchmark(onnx_dir, config: BenchConfig, machine: dict | None = None) ->
     cfg["include_fp16"] = config.fp16
     return {"schema": SCHEMA, "started": started, "finished": finished, "onnx_dir": str(onnx_dir),
             "config": cfg, "machine": machine, "variants": results, "ratios": compute_ratios(results),
+            "left_out": left_out(onnx_dir, config),
             "export_report": check_export_report(onnx_dir)}

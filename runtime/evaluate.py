@@ -25,7 +25,7 @@ import torch
 log = logging.getLogger(__name__)
 
 Variant = Callable[[torch.Tensor], np.ndarray]
-ONNX_ORDER = ("dense.onnx", "dense.fp16.onnx", "dense.int8.onnx",
+ONNX_ORDER = ("dense.onnx", "dense.fp16.onnx", "dense.int8.onnx", "dense.modelopt-int8.onnx",
               "model.onnx", "model.fp16.onnx", "model.int8.onnx")
 
 

@@ -117,6 +117,8 @@ def render_markdown(result: dict) -> str:
     skipped = {n: v["skipped"] for n, v in variants.items() if v.get("skipped")}
     if skipped:
         lines += ["", "Skipped (fixed batch): " + "; ".join(f"{n} at batch {s}" for n, s in skipped.items())]
+    if result.get("left_out"):
+        lines += ["", "Not measured on this backend: " + "; ".join(f"{n} ({why})" for n, why in result["left_out"].items())]
     check = result.get("export_report")
     if check:
         bad = [f for f, c in check.items() if not c["match"]]

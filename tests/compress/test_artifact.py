@@ -108,3 +108,20 @@ def test_missing_or_corrupt_directories(saved, tmp_path):
     (bad / "weights.safetensors").write_bytes((out / "weights.safetensors").read_bytes())
     with pytest.raises(CompressError, match="does not match"):
         load_compressed(bad)
+
+
+def test_a_calibration_set_name_is_not_resolved_as_a_folder(saved, tmp_path):
+    """'cifar10:train' names a built-in set: read_manifest keeps it (a relative folder it resolves)."""
+    import shutil
+
+    from compress.artifact import read_manifest
+
+    _, out = saved
+    for path, want in (("cifar10:train", "cifar10:train"), ("calib", str((tmp_path / "c" / "calib").absolute()))):
+        d = tmp_path / "c"
+        shutil.rmtree(d, ignore_errors=True)
+        shutil.copytree(out, d)
+        m = json.loads((d / "manifest.json").read_text())
+        m["calibration"]["path"] = path
+        (d / "manifest.json").write_text(json.dumps(m))
+        assert read_manifest(d)["calibration"]["path"] == want

@@ -46,7 +46,8 @@ def expected_pairs(model) -> dict[str, tuple[int, int, int]]:
     return {n: (m.in_features, m.rank + m.comp_rank, m.out_features) for n, m in lowrank_layers(model).items()}
 
 
-def write_compressed_dir(out, dense, model, ranges, dense_ranges, name="vit_cifar_ref", kwargs=None):
+def write_compressed_dir(out, dense, model, ranges, dense_ranges, name="vit_cifar_ref", kwargs=None,
+                         calibration=None):
     """A compress-stage artifact for ``model`` via compress.artifact.save_compressed; the dense
     original goes to a checkpoint beside it so load_model rebuilds exactly ``dense``."""
     from pathlib import Path
@@ -82,4 +83,6 @@ def write_compressed_dir(out, dense, model, ranges, dense_ranges, name="vit_cifa
         "quant": {"enabled": True, "weights": "int8", "activations": "int8", "calibration": "min-max",
                   "act_ranges": ranges, "dense_act_ranges": dense_ranges},
     }
+    if calibration is not None:
+        manifest["calibration"] = calibration
     return save_compressed(out, model, manifest)

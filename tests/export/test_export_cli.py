@@ -176,3 +176,41 @@ def test_unsupported_op_is_named():
 
     with pytest.raises(ExportError, match="unsupported op vitedge_export_test.mystery"):
         export_onnx(Odd(), (3, 8, 8))
+
+
+def test_cli_modelopt_without_the_extra_is_one_line_and_writes_nothing(compressed_dir, tmp_path, capsys,
+                                                                       monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "modelopt", None)   # as where nvidia-modelopt is not installed
+    out = tmp_path / "onnx"
+    rc, _, err = _run(capsys, "--compressed", compressed_dir, "--out", out, "--modelopt")
+    assert rc == 2 and "vit-edge[modelopt]" in _error_line(err)
+    assert not out.exists()
+
+
+def test_cli_modelopt_adds_the_baseline_beside_ours(tiny, tmp_path, capsys):
+    """--modelopt: dense.modelopt-int8.onnx calibrated on the manifest's images, its parity with
+    PyTorch FP32 reported (not gated), the other eight files unchanged."""
+    pytest.importorskip("modelopt.onnx.quantization", reason="nvidia-modelopt is an optional extra")
+    import timm
+
+    from calibration_data import bundled_path
+
+    dense = timm.create_model("vit_cifar_ref", pretrained=False, **KWARGS)
+    dense.load_state_dict(tiny["dense"].state_dict())
+    compressed = write_compressed_dir(tmp_path / "compressed", dense.eval(), tiny["model"], tiny["ranges"],
+                                      tiny["dense_ranges"], kwargs=KWARGS,
+                                      calibration={"path": str(bundled_path("cifar10-calib")), "images": 16,
+                                                   "seed": 0})
+    out = tmp_path / "onnx"
+    rc, stdout, err = _run(capsys, "--compressed", compressed, "--out", out, "--num-parity", 8, "--modelopt")
+    assert rc == 0, err
+    report = json.loads((out / "export_report.json").read_text())
+    f = report["files"]["dense.modelopt-int8.onnx"]
+    assert f["baseline"]["tool"].startswith("nvidia-modelopt ") and f["baseline"]["calibration_images"] == 16
+    assert f["baseline"]["matmuls_quantized"] >= 8 and f["precision"] == "int8"
+    assert f["parity"]["reference"] == "pytorch fp32" and f["parity"]["images"] == 8
+    assert f["bytes"] == (out / "dense.modelopt-int8.onnx").stat().st_size and len(f["sha256"]) == 16
+    assert len(report["files"]) == 9 and report["passed"]
+    assert "dense.modelopt-int8.onnx" in stdout

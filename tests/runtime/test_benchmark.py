@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from runtime.benchmark import (BenchConfig, check_export_report, find_variants, interleaved_schedule,
-                               latency_stats, run_benchmark)
+                               latency_stats, left_out, run_benchmark)
 from runtime.errors import RuntimeStageError
 from runtime.memory import inspect_onnx
 from runtime.report import render_markdown, write_outputs
@@ -55,6 +55,22 @@ def test_variant_discovery(tiny_export_dir, tmp_path):
     assert [v.name for v, _ in find_variants(tmp_path, BenchConfig(backend="trt"))] == ["dense-fp32", "dense-fp16"]
     with pytest.raises(RuntimeStageError, match="lowrank-int8 asked for"):
         find_variants(tmp_path, BenchConfig(variants=("lowrank-int8",)))
+    for name in ("dense.int8-fp16.onnx", "dense.modelopt-int8.onnx"):
+        shutil.copy(tiny_export_dir / "dense.int8.onnx", tmp_path / name)
+    # the TensorRT file (FP16 outside the INT8 GEMMs) is timed on trt only unless asked for; ModelOpt's anywhere
+    assert [v.name for v, _ in find_variants(tmp_path, BenchConfig())] == ["dense-fp32", "dense-modelopt-int8"]
+    assert set(left_out(tmp_path, BenchConfig())) == {"dense-int8-fp16", "dense-fp16"}
+    assert "TensorRT" in left_out(tmp_path, BenchConfig())["dense-int8-fp16"]
+    assert [v.name for v, _ in find_variants(tmp_path, BenchConfig(backend="trt"))] == [
+        "dense-fp32", "dense-int8-fp16", "dense-modelopt-int8", "dense-fp16"]
+    assert left_out(tmp_path, BenchConfig(backend="trt")) == {}
+    asked = BenchConfig(variants=("dense-int8-fp16",))
+    assert [v.name for v, _ in find_variants(tmp_path, asked)] == ["dense-int8-fp16"] and left_out(tmp_path, asked) == {}
+    # prebuilt engines: `runtime engine --precision int8` writes dense.int8.engine (from *.int8-fp16.onnx)
+    (tmp_path / "engines").mkdir()
+    (tmp_path / "engines" / "dense.int8.engine").write_bytes(b"")
+    engines = BenchConfig(backend="trt", engine_dir=str(tmp_path / "engines"))
+    assert [v.name for v, _ in find_variants(tmp_path, engines)] == ["dense-int8"]
     (tmp_path / "empty").mkdir()
     with pytest.raises(RuntimeStageError, match="holds none of"):
         find_variants(tmp_path / "empty", BenchConfig())
