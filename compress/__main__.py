@@ -24,8 +24,18 @@ def add_weights_arguments(g) -> None:
                         "vit_cifar_* when present, random init for other models)")
 
 
+class _Parser(OneLineParser):
+    """Also requires a budget: one of --ratio/--params/--size-mb, or --target-latency-ms (or both)."""
+
+    def parse_args(self, args=None, namespace=None):
+        a = super().parse_args(args, namespace)
+        if a.ratio is None and a.params is None and a.size_mb is None and a.target_latency_ms is None:
+            self.error("give a budget: one of --ratio, --params, --size-mb, and/or --target-latency-ms")
+        return a
+
+
 def get_parser() -> argparse.ArgumentParser:
-    p = OneLineParser(
+    p = _Parser(
         prog="python -m compress",
         description="Activation-aware mixed-rank low-rank compression (+ INT8 PTQ ranges) of a timm ViT. "
                     "Writes DIR/{manifest.json, weights.safetensors, report.md, ranks.png}.")
