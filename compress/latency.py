@@ -91,6 +91,7 @@ class LatencyTable:
     dense_model_ms: dict = field(default_factory=dict)  # "precision@batch" -> whole dense model, measured
     repeats: int = 0
     measured: str = ""
+    options: dict = field(default_factory=dict)   # backend options the timings were taken with
 
     def entry(self, m: int, n: int, tokens: int, precision: str, batch: int) -> LayerTiming | None:
         for e in self.layers:
@@ -116,7 +117,7 @@ class LatencyTable:
         fields = {k: d[k] for k in ("model", "backend", "threads", "machine", "versions")}
         return cls(layers=layers, rest_ms=dict(d.get("rest_ms", {})),
                    dense_model_ms=dict(d.get("dense_model_ms", {})), repeats=d.get("repeats", 0),
-                   measured=d.get("measured", ""), **fields)
+                   measured=d.get("measured", ""), options=dict(d.get("options", {})), **fields)
 
     def save(self, path) -> Path:
         path = Path(path)
