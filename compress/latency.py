@@ -157,15 +157,12 @@ def cpu_identity() -> dict:
         info = Path("/proc/cpuinfo").read_text(errors="replace")
     except OSError:
         info = ""
-    model, flags = platform.processor() or platform.machine(), []
+    found: dict[str, str] = {}
     for line in info.splitlines():
         key, _, value = line.partition(":")
-        key = key.strip()
-        if key in ("model name", "Hardware") and model in (platform.processor(), platform.machine(), ""):
-            model = value.strip()
-        elif key in ("flags", "Features") and not flags:
-            flags = sorted(value.split())
-    return {"cpu": model, "cpu_flags": flags}
+        found.setdefault(key.strip(), value.strip())   # the first CPU's lines
+    model = found.get("model name") or found.get("Hardware") or platform.processor() or platform.machine()
+    return {"cpu": model, "cpu_flags": sorted((found.get("flags") or found.get("Features") or "").split())}
 
 
 def simd_flags(flags) -> list[str]:
