@@ -18,6 +18,11 @@ Result: never above the budget, and the slack left is smaller than any single re
 which is at most one granule step by construction).
 ``uniform`` gives every layer the same rank fraction of min(m, n) (rounded down to the
 granule), the largest fraction that fits the budget: the baseline mixed must beat.
+
+With a latency table (compress.latency.LatencyTarget) a layer's widths are further limited to
+those whose pair is measured faster than its dense layer on the target (the latency break-even),
+and ``--target-latency-ms`` is a budget of its own, alone or with a parameter budget
+(``_greedy_two_budgets``); the plan then records its predicted latency.
 """
 from __future__ import annotations
 
