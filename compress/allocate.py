@@ -225,7 +225,9 @@ def allocate(layers: Sequence[LayerCurve], total_params: int, budget: Budget, *,
             f"{budget.describe()} needs <= {target:,} parameters, but factorising every compressible layer "
             f"to the smallest width {k_min} (rank {k_min - comp_rank} + comp rank {comp_rank}, granule "
             f"{granule}) still leaves {min_total:,} ({1 - min_total / total_params:.1%} removed at most); "
-            f"ask for less, or lower --granule/--comp-rank")
+            f"ask for less, or lower --granule/--comp-rank"
+            + ("; layers whose pairs the latency table finds no faster than dense stay dense"
+               if latency is not None else ""))
     if latency is not None and latency.target_ms is not None:
         if allocation != "mixed":
             raise CompressError("--target-latency-ms is met by the mixed allocation; drop --allocation uniform")
