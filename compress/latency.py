@@ -285,6 +285,7 @@ def latency_target(table: str, model: str, precision: str = "int8", batch: int =
         path = default_table_path(model, backend, threads)
         if not path.is_file():
             raise CompressError(f"no latency table of {model} for this machine in {cache_dir()}; measure it with "
-                                f"`{MEASURE_COMMAND.format(model=model, backend=backend)}` or pass --latency-table PATH")
+                                f"`{MEASURE_COMMAND.format(model=model, backend=backend)}` (auto is the table at the "
+                                "runtime's default thread count) or pass --latency-table PATH")
         table = path
     return LatencyTarget(load_table(table, model, backend), precision, batch, target_ms)
