@@ -24,8 +24,18 @@ def add_weights_arguments(g) -> None:
                         "vit_cifar_* when present, random init for other models)")
 
 
+class _Parser(OneLineParser):
+    """Also requires a budget: one of --ratio/--params/--size-mb, or --target-latency-ms (or both)."""
+
+    def parse_args(self, args=None, namespace=None):
+        a = super().parse_args(args, namespace)
+        if a.ratio is None and a.params is None and a.size_mb is None and a.target_latency_ms is None:
+            self.error("give a budget: one of --ratio, --params, --size-mb, and/or --target-latency-ms")
+        return a
+
+
 def get_parser() -> argparse.ArgumentParser:
-    p = OneLineParser(
+    p = _Parser(
         prog="python -m compress",
         description="Activation-aware mixed-rank low-rank compression (+ INT8 PTQ ranges) of a timm ViT. "
                     "Writes DIR/{manifest.json, weights.safetensors, report.md, ranks.png}.")
@@ -42,11 +52,21 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--stats-cache", metavar="DIR", default=None,
                    help="cache calibration statistics here (default: ~/.cache/vit-edge/compress-stats)")
     g.add_argument("--no-stats-cache", action="store_true", help="always recompute the statistics")
-    g = p.add_argument_group("budget (exactly one)")
-    b = g.add_mutually_exclusive_group(required=True)
+    g = p.add_argument_group("budget (one of --ratio/--params/--size-mb, and/or --target-latency-ms)")
+    b = g.add_mutually_exclusive_group()
     b.add_argument("--ratio", type=float, help="fraction of ALL model parameters to remove, e.g. 0.6")
     b.add_argument("--params", type=int, help="parameter count of the whole compressed model")
     b.add_argument("--size-mb", type=float, help="float32 size of the compressed model in MB (10^6 bytes)")
+    g.add_argument("--target-latency-ms", type=float, default=None, metavar="MS",
+                   help="latency budget, predicted from the latency table at --latency-batch (alone, or with one of "
+                        "the parameter budgets: both must hold)")
+    g.add_argument("--latency-table", default=None, metavar="PATH|auto",
+                   help="per-layer latency table (`python -m runtime latency-table`): layers are factorised only at "
+                        "widths whose pair is faster than dense there; 'auto' = this machine's cached table "
+                        "(the default when --target-latency-ms is given)")
+    g.add_argument("--latency-precision", default="int8", choices=("int8", "fp32"),
+                   help="which timings of the table decide (default int8: the deployable)")
+    g.add_argument("--latency-batch", type=int, default=1, help="batch size of --target-latency-ms (default 1)")
     g = p.add_argument_group("method")
     g.add_argument("--method", default="whiten", choices=("whiten", "plain", "diag", "mean-input"))
     g.add_argument("--allocation", default="mixed", choices=("mixed", "uniform"))
@@ -122,7 +142,9 @@ def config_from_args(args: argparse.Namespace):
     cache = None if args.no_stats_cache else (args.stats_cache or str(default_stats_cache()))
     return Config(model=args.model, out=args.out, **model_options(args), checkpoint=args.checkpoint, pretrained=args.pretrained,
                   calib=args.calib, num_calib=args.num_calib, batch_size=args.batch_size, seed=args.seed,
-                  ratio=args.ratio, params=args.params, size_mb=args.size_mb, method=args.method,
+                  ratio=args.ratio, params=args.params, size_mb=args.size_mb,
+                  target_latency_ms=args.target_latency_ms, latency_table=args.latency_table,
+                  latency_precision=args.latency_precision, latency_batch=args.latency_batch, method=args.method,
                   allocation=args.allocation, granule=args.granule, comp_rank=args.comp_rank,
                   comp_steps=args.comp_steps, comp_images=args.comp_images,
                   finetune_steps=args.finetune_steps, finetune_lr=args.finetune_lr,
@@ -186,6 +208,11 @@ def _print_summary(result) -> None:
     if ft:
         print(f"fine-tuned {ft['steps']} steps on {ft['images']} calibration images in {ft['seconds']:.1f} s: "
               f"KL to the dense model {ft['kl_before']:.3g} -> {ft['kl_after']:.3g}")
+    lat = m.get("latency")
+    if lat:
+        b = str(lat["batch"])
+        print(f"predicted {lat['precision']} latency at batch {b} on {lat['backend']} ({lat['machine']['cpu']}): "
+              f"{lat['predicted_ms'][b]:.2f} ms vs {lat['dense_predicted_ms'][b]:.2f} ms dense")
     print(f"wrote {result.out} in {m['timings']['total']:.1f} s")
 
 

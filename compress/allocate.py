@@ -18,9 +18,15 @@ Result: never above the budget, and the slack left is smaller than any single re
 which is at most one granule step by construction).
 ``uniform`` gives every layer the same rank fraction of min(m, n) (rounded down to the
 granule), the largest fraction that fits the budget: the baseline mixed must beat.
+
+With a latency table (compress.latency.LatencyTarget) a layer's widths are further limited to
+those whose pair is measured faster than its dense layer on the target (the latency break-even),
+and ``--target-latency-ms`` is a budget of its own, alone or with a parameter budget
+(``_greedy_two_budgets``); the plan then records its predicted latency.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import asdict, dataclass
 from typing import Sequence
@@ -40,7 +46,7 @@ class Budget:
     value: float
 
     def __post_init__(self):
-        if self.kind not in ("ratio", "params", "mb"):
+        if self.kind not in ("ratio", "params", "mb", "latency"):
             raise CompressError(f"unknown budget kind {self.kind!r}")
         if not math.isfinite(self.value):
             raise CompressError(f"budget must be a finite number, got {self.value}")
@@ -48,8 +54,8 @@ class Budget:
             raise CompressError(f"--ratio is the fraction of parameters to remove and must be in (0, 1), "
                                 f"got {self.value}")
         if self.kind != "ratio" and self.value <= 0:
-            raise CompressError(f"--{'params' if self.kind == 'params' else 'size-mb'} must be positive, "
-                                f"got {self.value}")
+            flag = {"params": "params", "mb": "size-mb", "latency": "target-latency-ms"}[self.kind]
+            raise CompressError(f"--{flag} must be positive, got {self.value}")
 
     def target(self, total_params: int) -> int:
         """The largest allowed parameter count of the whole compressed model."""
@@ -57,12 +63,15 @@ class Budget:
             return int(math.floor(total_params * (1.0 - self.value)))
         if self.kind == "params":
             return int(self.value)
+        if self.kind == "latency":   # a latency-only budget: no parameter constraint (compress.latency)
+            return total_params
         return int(math.floor(self.value * 1e6 / BYTES_PER_PARAM))
 
     def describe(self) -> str:
         return {"ratio": f"remove {self.value:.1%} of all parameters",
                 "params": f"at most {int(self.value):,} parameters",
-                "mb": f"at most {self.value:g} MB of float32 parameters"}[self.kind]
+                "mb": f"at most {self.value:g} MB of float32 parameters",
+                "latency": f"at most {self.value:g} ms predicted latency"}[self.kind]
 
 
 @dataclass(frozen=True)
@@ -73,6 +82,7 @@ class LayerCurve:
     in_features: int
     bias: bool
     curve: tuple[float, ...]
+    tokens: int = 0        # input rows per image (what a latency table is keyed by; 0: unknown)
 
     @property
     def dense_params(self) -> int:
@@ -90,6 +100,7 @@ class LayerPlan:
     params: int
     dense_params: int
     predicted_error: float
+    tokens: int = 0
 
     @property
     def dense(self) -> bool:
@@ -112,6 +123,7 @@ class Plan:
     params_before: int           # whole model
     params_after: int
     layers: tuple[LayerPlan, ...]
+    latency: dict | None = None  # the latency target and predicted ms per batch (compress.latency)
 
     @property
     def rank_map(self) -> dict[str, int]:
@@ -150,7 +162,8 @@ class Plan:
     def from_dict(cls, d: dict) -> "Plan":
         fields = {k: d[k] for k in ("method", "allocation", "target_params", "granule", "comp_rank",
                                     "params_before", "params_after")}
-        return cls(budget=Budget(**d["budget"]), layers=tuple(LayerPlan(**l) for l in d["layers"]), **fields)
+        return cls(budget=Budget(**d["budget"]), layers=tuple(LayerPlan(**l) for l in d["layers"]),
+                   latency=d.get("latency"), **fields)
 
 
 @dataclass(frozen=True)
@@ -176,8 +189,13 @@ def _options(layer: LayerCurve, granule: int, comp_rank: int) -> _Options:
 
 
 def allocate(layers: Sequence[LayerCurve], total_params: int, budget: Budget, *, granule: int = 8,
-             comp_rank: int = 0, allocation: str = "mixed", method: str = "whiten") -> Plan:
-    """Choose every layer's rank so the whole model fits ``budget``; see the module docstring."""
+             comp_rank: int = 0, allocation: str = "mixed", method: str = "whiten",
+             latency=None) -> Plan:
+    """Choose every layer's rank so the whole model fits ``budget``; see the module docstring.
+
+    ``latency`` (a compress.latency.LatencyTarget): widths are limited to the latency break-even
+    (pair faster than dense on the table's target), its ``target_ms`` is a second budget, and the
+    plan records the predicted latency (see ``_latency_options``)."""
     if allocation not in ALLOCATIONS:
         raise CompressError(f"unknown allocation {allocation!r}; choose one of {', '.join(ALLOCATIONS)}")
     if granule < 1:
@@ -188,11 +206,16 @@ def allocate(layers: Sequence[LayerCurve], total_params: int, budget: Budget, *,
         raise CompressError("no compressible layers")
     target = budget.target(total_params)
     opts = [_options(l, granule, comp_rank) for l in layers]
+    times = None
+    if latency is not None:
+        opts, times = _latency_options(layers, opts, latency)
+    elif budget.kind == "latency":
+        raise CompressError("--target-latency-ms needs a latency table (--latency-table)")
     dense_total = sum(int(o.params[0]) for o in opts)
     fixed = total_params - dense_total  # embeddings, norms, biases outside, head unless included
     if fixed < 0:
         raise ValueError("total_params is smaller than the compressible layers")
-    if target >= total_params:
+    if target >= total_params and budget.kind != "latency":
         raise CompressError(f"the budget ({target:,} parameters) is not below the model's "
                             f"{total_params:,} parameters; nothing to compress")
     min_total = fixed + sum(int(o.params[-1]) for o in opts)
@@ -202,8 +225,14 @@ def allocate(layers: Sequence[LayerCurve], total_params: int, budget: Budget, *,
             f"{budget.describe()} needs <= {target:,} parameters, but factorising every compressible layer "
             f"to the smallest width {k_min} (rank {k_min - comp_rank} + comp rank {comp_rank}, granule "
             f"{granule}) still leaves {min_total:,} ({1 - min_total / total_params:.1%} removed at most); "
-            f"ask for less, or lower --granule/--comp-rank")
-    if allocation == "mixed":
+            f"ask for less, or lower --granule/--comp-rank"
+            + ("; layers whose pairs the latency table finds no faster than dense stay dense"
+               if latency is not None else ""))
+    if latency is not None and latency.target_ms is not None:
+        if allocation != "mixed":
+            raise CompressError("--target-latency-ms is met by the mixed allocation; drop --allocation uniform")
+        idx = _greedy_two_budgets(opts, times, target - fixed, latency.target_ms - latency.rest_ms(), latency)
+    elif allocation == "mixed":
         idx = _greedy(opts, target - fixed)
     else:
         idx = _uniform(layers, opts, target - fixed, granule)
@@ -213,10 +242,11 @@ def allocate(layers: Sequence[LayerCurve], total_params: int, budget: Budget, *,
         plans.append(LayerPlan(l.name, l.out_features, l.in_features, l.bias,
                                rank=k - comp_rank if k else 0, comp_rank=comp_rank if k else 0,
                                params=int(o.params[i]), dense_params=int(o.params[0]),
-                               predicted_error=float(o.errors[i])))
+                               predicted_error=float(o.errors[i]), tokens=l.tokens))
     after = fixed + sum(p.params for p in plans)
     assert after <= target, (after, target)
-    return Plan(method, allocation, budget, target, granule, comp_rank, total_params, after, tuple(plans))
+    return Plan(method, allocation, budget, target, granule, comp_rank, total_params, after, tuple(plans),
+                latency=None if latency is None else predicted_latency(latency, plans))
 
 
 def _best_move(o: _Options, i: int) -> tuple[float, int]:
@@ -330,3 +360,77 @@ def _uniform(layers: Sequence[LayerCurve], opts: list[_Options], allowed: int, g
         else:
             hi = mid - 1
     return best
+
+
+# ---- latency-aware allocation (compress.latency) -------------------------------------------
+
+def _latency_options(layers: Sequence[LayerCurve], opts: list[_Options], latency) -> tuple[list[_Options], list]:
+    """Each layer's states cut to the latency break-even, and every state's predicted time (ms)."""
+    cut, times = [], []
+    for l, o in zip(layers, opts):
+        if l.tokens < 1:
+            raise CompressError(f"{l.name}: tokens per image unknown, cannot look it up in a latency table")
+        keep = set(latency.break_even(l.out_features, l.in_features, l.tokens, o.widths[1:]))
+        sel = np.array([0] + [i for i, k in enumerate(o.widths) if i > 0 and int(k) in keep])
+        o = _Options(o.widths[sel], o.params[sel], o.errors[sel])
+        cut.append(o)
+        times.append(latency.layer_states(l.out_features, l.in_features, l.tokens, o.widths[1:]))
+    return cut, times
+
+
+def _greedy_two_budgets(opts: list[_Options], times: list[np.ndarray], allowed: int, allowed_ms: float,
+                        latency) -> list[int]:
+    """Mixed allocation under a parameter and a latency budget: from dense, repeatedly take the move
+    with the smallest error increase per unit saved of whichever budget is still exceeded (ms
+    first), then raise widths back while both budgets hold, largest error decrease per ms first."""
+    idx = [0] * len(opts)
+    params = sum(int(o.params[0]) for o in opts)
+    ms = float(sum(t[0] for t in times))
+    while params > allowed or ms > allowed_ms:
+        on_ms = ms > allowed_ms
+        best, move = math.inf, None
+        for l, (o, t, i) in enumerate(zip(opts, times, idx)):
+            saved = (t[i] - t[i + 1:]) if on_ms else (o.params[i] - o.params[i + 1:]).astype(np.float64)
+            if not len(saved):
+                continue
+            cost = np.where(saved > 0, np.maximum(o.errors[i + 1:] - o.errors[i], 0.0) / np.maximum(saved, 1e-30),
+                            math.inf)
+            j = int(np.argmin(cost))
+            if cost[j] < best:
+                best, move = float(cost[j]), (l, i + 1 + j)
+        if move is None:
+            lo = latency.rest_ms() + sum(float(t.min()) for t in times)
+            raise CompressError(
+                f"the latency budget {latency.target_ms:g} ms cannot be met: factorising every layer that the "
+                f"table says is faster as a pair still predicts {lo:.2f} ms ({latency.rest_ms():.2f} ms of it "
+                f"outside the Linears) at batch {latency.batch}, {latency.precision}; ask for more")
+        l, j = move
+        params -= int(opts[l].params[idx[l]] - opts[l].params[j])
+        ms -= float(times[l][idx[l]] - times[l][j])
+        idx[l] = j
+    while True:   # fill back: one state up at a time while both budgets hold
+        best, best_l = 0.0, -1
+        for l, (o, t, i) in enumerate(zip(opts, times, idx)):
+            if i == 0:
+                continue
+            extra_p, extra_ms = int(o.params[i - 1] - o.params[i]), float(t[i - 1] - t[i])
+            if params + extra_p > allowed or ms + extra_ms > allowed_ms:
+                continue
+            gain = (o.errors[i] - o.errors[i - 1]) / max(extra_ms, 1e-6)
+            if gain > best:
+                best, best_l = gain, l
+        if best_l < 0:
+            return idx
+        i = idx[best_l]
+        params += int(opts[best_l].params[i - 1] - opts[best_l].params[i])
+        ms += float(times[best_l][i - 1] - times[best_l][i])
+        idx[best_l] = i - 1
+
+
+def predicted_latency(latency, plans: Sequence[LayerPlan]) -> dict:
+    """What a plan records: the target, and predicted ms of the plan and of the dense model per batch."""
+    batches = latency.table.batches(latency.precision)
+    dense = [dataclasses.replace(p, rank=0, comp_rank=0) for p in plans]
+    return {**latency.describe(),
+            "predicted_ms": {str(b): latency.predict(plans, b) for b in batches},
+            "dense_predicted_ms": {str(b): latency.predict(dense, b) for b in batches}}

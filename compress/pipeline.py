@@ -45,9 +45,13 @@ class Config:
     num_calib: int = 256
     batch_size: int = 32
     seed: int = 0
-    ratio: float | None = None           # exactly one of ratio / params / size_mb
+    ratio: float | None = None           # at most one of ratio / params / size_mb, and/or target_latency_ms
     params: int | None = None
     size_mb: float | None = None
+    target_latency_ms: float | None = None  # predicted by the latency table (compress.latency)
+    latency_table: str | None = None     # JSON path, "auto" (this machine's cached table) or None (params only)
+    latency_precision: str = "int8"      # which timings of the table the break-even and budget use
+    latency_batch: int = 1               # the batch size --target-latency-ms is for
     method: str = "whiten"
     allocation: str = "mixed"
     granule: int = 8
@@ -76,8 +80,8 @@ class Config:
 
     def __post_init__(self):
         given = [k for k in ("ratio", "params", "size_mb") if getattr(self, k) is not None]
-        if len(given) != 1:
-            raise CompressError("give exactly one budget: --ratio, --params or --size-mb"
+        if len(given) > 1 or not given and self.target_latency_ms is None:
+            raise CompressError("give one budget: --ratio, --params or --size-mb, and/or --target-latency-ms"
                                 + (f" (got {', '.join(given)})" if given else ""))
         self.budget  # validates the value
         if self.method not in METHODS:
@@ -116,7 +120,17 @@ class Config:
             return Budget("ratio", float(self.ratio))
         if self.params is not None:
             return Budget("params", float(self.params))
-        return Budget("mb", float(self.size_mb))
+        if self.size_mb is not None:
+            return Budget("mb", float(self.size_mb))
+        return Budget("latency", float(self.target_latency_ms))
+
+    def latency_target(self):
+        """The latency model of allocation (compress.latency.LatencyTarget), or None without a table."""
+        from .latency import latency_target
+
+        table = self.latency_table or ("auto" if self.target_latency_ms is not None else None)
+        return latency_target(table, self.model, self.latency_precision, self.latency_batch,
+                              self.target_latency_ms) if table else None
 
 
 @dataclass(frozen=True)
@@ -252,10 +266,12 @@ def run(config: Config) -> RunResult | None:
         raise CompressError("--finetune-steps distils the dense model's logits; this model is headless")
     layers = compressible_layers(model, cfg.include_head)
     total_params = count_params(model)
+    latency = cfg.latency_target()   # a missing table is an error before the expensive passes
     # an impossible budget depends on shapes only: say so before the expensive passes
-    allocate([LayerCurve(n, l.out_features, l.in_features, l.bias is not None,
+    if cfg.budget.kind != "latency":
+        allocate([LayerCurve(n, l.out_features, l.in_features, l.bias is not None,
                          (0.0,) * (min(l.out_features, l.in_features) + 1)) for n, l in layers.items()],
-             total_params, cfg.budget, granule=cfg.granule, comp_rank=cfg.comp_rank)
+                 total_params, cfg.budget, granule=cfg.granule, comp_rank=cfg.comp_rank)
     calib = cfg.calib or default_calibration_for(model)
     calib = calib if is_spec(calib) else Path(calib)
     heldout = cfg.heldout if cfg.refines or cfg.comp_rank > 0 else 0
@@ -305,12 +321,13 @@ def run(config: Config) -> RunResult | None:
             _FACTORS.clear()   # one entry: a study alternates budgets, not statistics
             _FACTORS[fkey] = facts
     curves = [LayerCurve(name, lin.out_features, lin.in_features, lin.bias is not None,
-                         tuple(facts[name].curve.tolist())) for name, lin in layers.items()]
+                         tuple(facts[name].curve.tolist()), tokens=st.layers[name].count // max(st.images, 1))
+              for name, lin in layers.items()]
     lap("factorisation")
 
     # 3. allocation
     plan = allocate(curves, total_params, cfg.budget, granule=cfg.granule, comp_rank=cfg.comp_rank,
-                    allocation=cfg.allocation, method=cfg.method)
+                    allocation=cfg.allocation, method=cfg.method, latency=latency)
     sens = None
     if cfg.sensitivity_images > 0:
         from .sensitivity import sensitivities, weighted_curves
@@ -320,7 +337,7 @@ def run(config: Config) -> RunResult | None:
                              {n: facts[n].error(r) for n, r in ranks.items()},
                              _tensors(_first_images(loader, cfg.sensitivity_images)))
         plan = allocate(weighted_curves(curves, sens), total_params, cfg.budget, granule=cfg.granule,
-                        comp_rank=cfg.comp_rank, allocation=cfg.allocation, method=cfg.method)
+                        comp_rank=cfg.comp_rank, allocation=cfg.allocation, method=cfg.method, latency=latency)
     log.info("plan: %s -> %s parameters (%.1f%% removed), %d of %d layers factorised",
              f"{plan.params_before:,}", f"{plan.params_after:,}", 100 * plan.ratio,
              sum(not l.dense for l in plan.layers), len(plan.layers))
@@ -448,6 +465,7 @@ def _manifest(cfg, spec, plan, facts, comp, st, calib, calib_hash, images, qinfo
         "layers": layers,
         "errors": errors,
         "plan": plan.to_dict(),
+        "latency": plan.latency,
         "calibration": {"path": calib_source(calib), "images": st.images, "hash": calib_hash,
                         "seed": cfg.seed, "tokens": next(iter(st.layers.values())).count,
                         "stats_cache_key": st.key or None, "stats_from_cache": st.from_cache},

@@ -36,6 +36,17 @@ def _model_lines(m: dict) -> list[str]:
     return out
 
 
+def _latency_lines(lat: dict | None) -> list[str]:
+    """The plan's predicted latency (compress.latency), per batch of the table."""
+    if not lat:
+        return []
+    per = ", ".join(f"batch {b}: {ms:.2f} ms ({ms / lat['dense_predicted_ms'][b]:.2f}x dense)"
+                    for b, ms in lat["predicted_ms"].items())
+    target = f"; target {lat['target_ms']:g} ms at batch {lat['batch']}" if lat.get("target_ms") else ""
+    return [f"- predicted {lat['precision']} latency on {lat['backend']} ({lat['machine'].get('cpu')}, "
+            f"{lat['threads'] or 'default'} threads): {per}{target}; widths limited to the latency break-even"]
+
+
 def render_report(manifest: dict) -> str:
     m, p, b = manifest["model"], manifest["params"], manifest["budget"]
     cal, q = manifest.get("calibration", {}), manifest.get("quant", {})
@@ -47,6 +58,7 @@ def render_report(manifest: dict) -> str:
         f"- method: `{manifest['method']}`, allocation: `{manifest['allocation']}`, granule {manifest['granule']}, "
         f"compensation rank {manifest['comp_rank']}",
         f"- budget: {b['description']} (target <= {b['target_params']:,} parameters)",
+        *_latency_lines(manifest.get("latency")),
         f"- calibration: {cal.get('images', '?')} images from `{cal.get('path', '?')}` "
         f"(hash {cal.get('hash', '?')}, seed {cal.get('seed', '?')})",
         *_finetune_lines(manifest.get("finetune")),

@@ -7,6 +7,8 @@ report  one report.md for a run directory: compress + export + bench + eval (run
 sweep   many budgets from one calibration pass: accuracy vs parameters/bytes/latency (runtime.sweep)
 fit     search the budget that meets a target latency or INT8 file size (runtime.fit)
 profile where the time goes per variant: Linears vs attention vs the rest (runtime.profile)
+memory-options  what a session's RSS is made of per ORT option set (runtime.memory_options)
+latency-table  per-layer dense/pair latencies on this backend, cached for compress (runtime.latency_table)
 trt-check  on a GPU with TensorRT: INT8 kernels per MatMul, parity with ORT, batch 1/32 (runtime.trt_check)
 info    which backends can run here, and the machine
 
@@ -33,10 +35,14 @@ DELEGATED = {
     "fit": ("runtime.fit", "the least compression that meets a target latency or INT8 file size"),
     "profile": ("runtime.profile", "ONNX Runtime per-node profile: time in Linears vs attention vs the rest"),
     "study": ("runtime.study", "methods x allocations x compensation at equal budgets, on real labelled images"),
+    "latency-table": ("runtime.latency_table", "per-layer dense vs low-rank pair latency table for compress "
+                                               "(--latency-table / --target-latency-ms)"),
+    "memory-options": ("runtime.memory_options", "peak-RSS delta by part (weights, load, run) per ONNX Runtime "
+                                                 "option set, with its latency cost"),
     "trt-check": ("runtime.trt_check", "TensorRT INT8 proof: per-layer precision, parity with ORT, batch 1/32 latency"),
 }
 # Subcommands whose --out is one file (the others write into an --out folder).
-FILE_OUTPUTS = {"eval"}
+FILE_OUTPUTS = {"eval", "latency-table"}
 # Other packages' user-error types, recognised if already imported by the command that raised.
 _USER_ERRORS = (("calibration_data.errors", "CalibrationDataError"), ("compress.errors", "CompressError"),
                 ("export.errors", "ExportError"))

@@ -277,4 +277,25 @@ def run_benchmark(onnx_dir, config: BenchConfig, machine: dict | None = None) ->
     return {"schema": SCHEMA, "started": started, "finished": finished, "onnx_dir": str(onnx_dir),
             "config": cfg, "machine": machine, "variants": results, "ratios": compute_ratios(results),
             "left_out": left_out(onnx_dir, config),
-            "export_report": check_export_report(onnx_dir)}
+            "export_report": check_export_report(onnx_dir), "predicted": predicted_vs_measured(onnx_dir, results)}
+
+
+def predicted_vs_measured(onnx_dir, results: dict) -> dict | None:
+    """The compress plan's predicted latency (manifest "latency", from a latency table) beside the p50
+    measured here, for the dense and low-rank variant of the table's precision; None without one."""
+    try:
+        report = json.loads((Path(onnx_dir) / "export_report.json").read_text())
+        manifest = json.loads((Path(report["source"]["compressed"]) / "manifest.json").read_text())
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    lat = manifest.get("latency")
+    if not lat:
+        return None
+    rows = {}
+    for family, key in (("lowrank", "predicted_ms"), ("dense", "dense_predicted_ms")):
+        name = f"{family}-{lat['precision']}"
+        for bs, ms in lat[key].items():
+            measured = results.get(name, {}).get("latency", {}).get(bs, {}).get("p50_ms")
+            rows.setdefault(name, {})[bs] = {"predicted_ms": ms, "measured_p50_ms": measured}
+    return {"table": {k: lat[k] for k in ("model", "backend", "threads", "machine")},
+            "target_ms": lat.get("target_ms"), "batch": lat["batch"], "variants": rows}

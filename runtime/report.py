@@ -119,12 +119,28 @@ def render_markdown(result: dict) -> str:
         lines += ["", "Skipped (fixed batch): " + "; ".join(f"{n} at batch {s}" for n, s in skipped.items())]
     if result.get("left_out"):
         lines += ["", "Not measured on this backend: " + "; ".join(f"{n} ({why})" for n, why in result["left_out"].items())]
+    lines += _predicted_lines(result.get("predicted"))
     check = result.get("export_report")
     if check:
         bad = [f for f, c in check.items() if not c["match"]]
         lines += ["", "export_report.json file and initializer bytes: " + (
             "all match the files" if not bad else "MISMATCH for " + ", ".join(bad))]
     return "\n".join(lines) + "\n"
+
+
+def _predicted_lines(pred: dict | None) -> list[str]:
+    """Predicted (compress, from the latency table) beside measured p50 (here)."""
+    if not pred:
+        return []
+    t = pred["table"]
+    lines = ["", f"## Predicted by the latency table ({t['backend']}, {t['machine'].get('cpu')}) vs measured", "",
+             "| variant | batch | predicted ms | measured p50 ms | measured / predicted |", "|---|---:|---:|---:|---:|"]
+    for name, per in pred["variants"].items():
+        for bs, r in per.items():
+            m = r["measured_p50_ms"]
+            lines.append(f"| {name} | {bs} | {r['predicted_ms']:.2f} | {_fmt(m)} | "
+                         f"{_fmt(None if m is None else m / r['predicted_ms'], '.2f')} |")
+    return lines
 
 
 def plot(result: dict) -> bytes:

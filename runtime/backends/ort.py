@@ -33,14 +33,15 @@ class OrtBackend(Backend):
 
     Options: intra_op_threads / inter_op_threads (0 = onnxruntime's default), optimization
     (one of OPT_LEVELS), io_binding (bind input/output buffers instead of run()), mem_arena
-    (CPU memory arena), allow_spinning (idle worker threads spin; turn off on a machine shared
+    (CPU memory arena), mem_pattern (pre-planned activation buffers), prepacking (kernels keep a
+    re-laid-out copy of each weight; off: ``session.disable_prepacking``), allow_spinning (idle worker threads spin; turn off on a machine shared
     with other jobs, where spinning threads fight them), device_id (ort-cuda), providers
     (overrides the kind's default list).
     """
 
     def __init__(self, path, *, kind: str = "ort", intra_op_threads: int = 0, inter_op_threads: int = 0,
                  optimization: str = "all", io_binding: bool = False, mem_arena: bool = True,
-                 allow_spinning: bool = True, device_id: int = 0, providers: Sequence[str] | None = None):
+                 mem_pattern: bool = True, prepacking: bool = True, allow_spinning: bool = True, device_id: int = 0, providers: Sequence[str] | None = None):
         if kind not in _PROVIDERS:
             raise RuntimeStageError(f"OrtBackend serves {', '.join(_PROVIDERS)}, not {kind!r}")
         if optimization not in OPT_LEVELS:
@@ -53,7 +54,7 @@ class OrtBackend(Backend):
         self.precision = self._stats.precision
         self._options = dict(intra_op_threads=intra_op_threads, inter_op_threads=inter_op_threads,
                              optimization=optimization, io_binding=io_binding, mem_arena=mem_arena,
-                             allow_spinning=allow_spinning)
+                             mem_pattern=mem_pattern, prepacking=prepacking, allow_spinning=allow_spinning)
         so = ort.SessionOptions()
         so.intra_op_num_threads = intra_op_threads
         so.inter_op_num_threads = inter_op_threads
@@ -64,6 +65,8 @@ class OrtBackend(Backend):
             "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
         }[optimization]
         so.enable_cpu_mem_arena = mem_arena
+        so.enable_mem_pattern = mem_pattern
+        so.add_session_config_entry("session.disable_prepacking", "0" if prepacking else "1")
         so.add_session_config_entry("session.intra_op.allow_spinning", "1" if allow_spinning else "0")
         so.log_severity_level = 3  # errors only: ORT's warnings would go to stderr unasked
         wanted = list(providers) if providers else _PROVIDERS[kind]
