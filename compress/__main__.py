@@ -47,6 +47,8 @@ def get_parser() -> argparse.ArgumentParser:
     b.add_argument("--ratio", type=float, help="fraction of ALL model parameters to remove, e.g. 0.6")
     b.add_argument("--params", type=int, help="parameter count of the whole compressed model")
     b.add_argument("--size-mb", type=float, help="float32 size of the compressed model in MB (10^6 bytes)")
+    b.add_argument("--plan", metavar="PATH", help="re-apply a saved rank plan: a compressed directory, its "
+                                                  "manifest.json or a plan JSON (same model)")
     g = p.add_argument_group("method")
     g.add_argument("--method", default="whiten", choices=("whiten", "plain", "diag", "mean-input"))
     g.add_argument("--allocation", default="mixed", choices=("mixed", "uniform"))
@@ -122,7 +124,7 @@ def config_from_args(args: argparse.Namespace):
     cache = None if args.no_stats_cache else (args.stats_cache or str(default_stats_cache()))
     return Config(model=args.model, out=args.out, **model_options(args), checkpoint=args.checkpoint, pretrained=args.pretrained,
                   calib=args.calib, num_calib=args.num_calib, batch_size=args.batch_size, seed=args.seed,
-                  ratio=args.ratio, params=args.params, size_mb=args.size_mb, method=args.method,
+                  ratio=args.ratio, params=args.params, size_mb=args.size_mb, plan=args.plan, method=args.method,
                   allocation=args.allocation, granule=args.granule, comp_rank=args.comp_rank,
                   comp_steps=args.comp_steps, comp_images=args.comp_images,
                   finetune_steps=args.finetune_steps, finetune_lr=args.finetune_lr,
