@@ -6,22 +6,17 @@ import contextlib
 import logging
 import sys
 
+import torch
+
+from calibration_data import CalibrationDataError
 from cliutil import OneLineParser, reserve_output, run_cli
+
+from .artifact import replace_refusal
+from .distributed import is_main
 from .errors import CompressError
-from .options import add_model_options, model_options
-
-
-def add_weights_arguments(g) -> None:
-    """--model, --checkpoint and --pretrained/--random-init (shared with runtime sweep and fit)."""
-    g.add_argument("--model", required=True, help="timm model name (e.g. deit_tiny_patch16_224, vit_cifar_ref), "
-                                                  "or a user entry point package.module:function / file.py:function")
-    g.add_argument("--checkpoint", help="local weights: .safetensors or a torch file (weights_only)")
-    w = g.add_mutually_exclusive_group()
-    w.add_argument("--pretrained", dest="pretrained", action="store_const", const=True, default=None,
-                   help="timm's pretrained weights (needs the model hub; bundled for vit_cifar_*)")
-    w.add_argument("--random-init", dest="pretrained", action="store_const", const=False,
-                   help="random weights even for bundled models (default: bundled weights for "
-                        "vit_cifar_* when present, random init for other models)")
+from .options import (add_calibration_arguments, add_method_arguments, add_model_options, add_weights_arguments,
+                      model_options)
+from .pipeline import Config, config_defaults, default_stats_cache, run
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -29,18 +24,15 @@ def get_parser() -> argparse.ArgumentParser:
         prog="python -m compress",
         description="Activation-aware mixed-rank low-rank compression (+ INT8 PTQ ranges) of a timm ViT. "
                     "Writes DIR/{manifest.json, weights.safetensors, report.md, ranks.png}.")
+    d = config_defaults()
     g = p.add_argument_group("model")
     add_weights_arguments(g)
     add_model_options(g)
     g.add_argument("--include-head", action="store_true", help="also factorise the classifier head")
     g = p.add_argument_group("calibration")
-    g.add_argument("--calib", help="image folder (flat or one subfolder per class); default: the bundled "
-                                   "set matching the model (CIFAR-10 for vit_cifar_*, else ImageNet)")
-    g.add_argument("--num-calib", type=int, default=256, help="images to use (seeded subset; default 256)")
-    g.add_argument("--batch-size", type=int, default=32)
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--stats-cache", metavar="DIR", default=None,
-                   help="cache calibration statistics here (default: ~/.cache/vit-edge/compress-stats)")
+    add_calibration_arguments(g, d)
+    g.add_argument("--batch-size", type=int, default=d["batch_size"])
+    g.add_argument("--seed", type=int, default=d["seed"])
     g.add_argument("--no-stats-cache", action="store_true", help="always recompute the statistics")
     g = p.add_argument_group("budget (exactly one)")
     b = g.add_mutually_exclusive_group(required=True)
@@ -50,24 +42,16 @@ def get_parser() -> argparse.ArgumentParser:
     b.add_argument("--plan", metavar="PATH", help="re-apply a saved rank plan: a compressed directory, its "
                                                   "manifest.json or a plan JSON (same model)")
     g = p.add_argument_group("method")
-    g.add_argument("--method", default="whiten", choices=("whiten", "plain", "diag", "mean-input"))
-    g.add_argument("--allocation", default="mixed", choices=("mixed", "uniform"))
-    g.add_argument("--granule", type=int, default=8, help="ranks are multiples of this (default 8)")
-    g.add_argument("--comp-rank", type=int, default=_defaults()["comp_rank"],
-                   help="rank q of the paper's compensation term (0 = off, the default: on real weights the "
-                        "sequential refit beats it at equal parameters); kept only if it beats the SVD at "
-                        "width r+q on the held-out images")
-    g.add_argument("--comp-steps", type=int, default=50,
-                   help="Adam steps refining the closed-form compensation start (0: closed form only)")
-    g.add_argument("--comp-images", type=int, default=64,
-                   help="calibration images used by the sequential compensation pass (0: all; default 64)")
-    g.add_argument("--gram-precision", default="float64", choices=("float64", "float32"),
+    add_method_arguments(g, d)
+    g.add_argument("--comp-images", type=int, default=d["comp_images"],
+                   help="calibration images used by the sequential compensation pass (0: all; default %(default)s)")
+    g.add_argument("--gram-precision", default=d["gram_precision"], choices=("float64", "float32"),
                    help="dtype of each batch's Gram product (sums are float64); float32 is ~2x faster")
-    g.add_argument("--alpha", type=float, default=0.5, help="exponent of the diag variant")
-    g.add_argument("--damping", type=float, default=1e-4, help="whitening damping, relative to mean(diag C)")
-    g.add_argument("--comp-damping", type=float, default=1e-4,
-                   help="ridge of the compensation fit, relative to mean(diag C~) (default 1e-4)")
-    d = _defaults()
+    g.add_argument("--alpha", type=float, default=d["alpha"], help="exponent of the diag variant")
+    g.add_argument("--damping", type=float, default=d["damping"],
+                   help="whitening damping, relative to mean(diag C) (default %(default)s)")
+    g.add_argument("--comp-damping", type=float, default=d["comp_damping"],
+                   help="ridge of the compensation fit, relative to mean(diag C~) (default %(default)s)")
     g = p.add_argument_group("refinement (beyond the paper; each kept only where held-out calibration images "
                              "say it pays)")
     g.add_argument("--heldout", type=int, default=d["heldout"],
@@ -87,20 +71,20 @@ def get_parser() -> argparse.ArgumentParser:
                    help="reallocate ranks by each layer's measured effect on the final features, probed on N "
                         f"calibration images (0: off; default {d['sensitivity_images']})")
     g = p.add_argument_group("recovery fine-tuning (beyond the paper; off by default)")
-    g.add_argument("--finetune-steps", type=int, default=0, metavar="N",
+    g.add_argument("--finetune-steps", type=int, default=d["finetune_steps"], metavar="N",
                    help="Adam steps distilling the dense model's logits into the low-rank factors on the "
                         "calibration images (random flips), before INT8 calibration; 0 = off (default), "
                         "the paper's no-fine-tuning setting; reported separately with its cost")
-    g.add_argument("--finetune-lr", type=float, default=3e-5, metavar="LR",
+    g.add_argument("--finetune-lr", type=float, default=d["finetune_lr"], metavar="LR",
                    help="peak learning rate of the fine-tuning (Adam, cosine decay to 0; default 3e-5: "
                         "1e-4 overfits vit_cifar_ref's 256 calibration images)")
     g = p.add_argument_group("quantization")
     g.add_argument("--no-quant", action="store_true", help="skip INT8 calibration and fake-quant evaluation")
-    g.add_argument("--quant-calib", default="minmax", choices=("minmax", "percentile"))
-    g.add_argument("--percentile", type=float, default=99.99)
+    g.add_argument("--quant-calib", default=d["quant_calib"], choices=("minmax", "percentile"))
+    g.add_argument("--percentile", type=float, default=d["percentile"])
     g = p.add_argument_group("run")
     g.add_argument("--out", required=True, help="output directory (replaced atomically)")
-    g.add_argument("--device", default="cpu")
+    g.add_argument("--device", default=d["device"])
     g.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads (0: torch default); recorded in the manifest: float reductions "
                         "depend on it, so weights differ across thread counts by float rounding (~1e-4), "
@@ -109,18 +93,7 @@ def get_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _defaults() -> dict:
-    """compress's defaults, from the one place they live (pipeline.Config)."""
-    import dataclasses
-
-    from .pipeline import Config
-
-    return {f.name: f.default for f in dataclasses.fields(Config)}
-
-
-def config_from_args(args: argparse.Namespace):
-    from .pipeline import Config, default_stats_cache
-
+def config_from_args(args: argparse.Namespace) -> Config:
     cache = None if args.no_stats_cache else (args.stats_cache or str(default_stats_cache()))
     return Config(model=args.model, out=args.out, **model_options(args), checkpoint=args.checkpoint, pretrained=args.pretrained,
                   calib=args.calib, num_calib=args.num_calib, batch_size=args.batch_size, seed=args.seed,
@@ -140,21 +113,12 @@ def main(argv=None) -> int:
     args = get_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
-    from calibration_data import CalibrationDataError
-
-    from .artifact import replace_refusal
-
     def body() -> int:
-        from .distributed import is_main  # under torchrun only rank 0 holds and writes --out
-
+        # under torchrun only rank 0 holds and writes --out
         with (reserve_output(args.out, kind="dir", accepts=replace_refusal) if is_main()
               else contextlib.nullcontext()):  # before any expensive work
             if args.threads > 0:
-                import torch
-
                 torch.set_num_threads(args.threads)
-            from .pipeline import run
-
             result = run(config_from_args(args))
         if result is None:  # a torchrun rank > 0: its share of the statistics went to rank 0
             return 0

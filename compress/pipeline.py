@@ -141,6 +141,11 @@ class Config:
         return Budget("mb", float(self.size_mb))
 
 
+def config_defaults() -> dict:
+    """Config's defaults, the one place they live (every CLI that compresses reads them)."""
+    return {f.name: f.default for f in dataclasses.fields(Config) if f.default is not dataclasses.MISSING}
+
+
 @dataclass(frozen=True)
 class RunResult:
     out: Path
@@ -221,6 +226,11 @@ class Prepared:
         return _fields(cfg, _STATISTICS_FIELDS) == self.statistics_key and _fields(cfg, _FACTOR_FIELDS) == self.factor_key
 
 
+def _check_outputs(cfg: Config, spec) -> None:
+    if cfg.finetune_steps > 0 and spec.outputs != "logits":
+        raise CompressError("--finetune-steps distils the dense model's logits; this model is headless")
+
+
 def prepare(config: Config, reuse: Prepared | None = None) -> Prepared | None:
     """Load the model and calibration images, collect the statistics and factorise every layer.
 
@@ -252,8 +262,7 @@ def prepare(config: Config, reuse: Prepared | None = None) -> Prepared | None:
     torch.manual_seed(cfg.seed)
     model, spec = load_model_with_spec(cfg.model, cfg.checkpoint, cfg.pretrained, data_config=cfg.data_config,
                                        pos_interpolation=cfg.pos_interpolation, **cfg.model_kwargs)
-    if cfg.finetune_steps > 0 and spec.outputs != "logits":
-        raise CompressError("--finetune-steps distils the dense model's logits; this model is headless")
+    _check_outputs(cfg, spec)
     layers = compressible_layers(model, cfg.include_head)
     shapes = {n: (l.out_features, l.in_features, l.bias is not None) for n, l in layers.items()}
     total_params = count_params(model)
@@ -376,6 +385,7 @@ def run(config: Config, reuse: Prepared | None = None) -> RunResult | None:
     prep = prepare(cfg, reuse)
     if prep is None:
         return None
+    _check_outputs(cfg, prep.spec)
     reused = reuse is not None and prep.stats is reuse.stats   # no statistics pass in this run
     timings = {} if prep is reuse else dict(prep.timings)
     torch.set_rng_state(prep.rng_state)

@@ -23,20 +23,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from runtime.benchmark import VARIANTS
+from cliutil.files import atomic_write_bytes, atomic_write_text, figure_png
 from runtime.errors import RuntimeStageError
-from runtime.report import atomic_write_bytes
+from runtime.machine import describe_machine
+from runtime.workflows.layout import PLOT, REPORT, SOURCES
 
 log = logging.getLogger(__name__)
 
 MB = 1e6
-# The run-directory layout shared by the Makefile, runtime.sweep and runtime.fit.
-SOURCES = {
-    "manifest": "compressed/manifest.json",
-    "export": "onnx/export_report.json",
-    "bench": "bench/bench.json",
-    "eval": "eval.json",
-}
-REPORT, PLOT = "report.md", "accuracy_vs_size.png"
 _BY_FILE = {v.filename: v for v in VARIANTS}
 # PyTorch variants of runtime.evaluate -> the benchmark variant (and ONNX file) they correspond to
 _TORCH = {"dense": "dense-fp32", "compressed": "lowrank-fp32", "compressed-int8-fakequant": "lowrank-int8"}
@@ -322,7 +316,6 @@ def _export_section(run: RunFiles) -> list[str]:
 
 
 def _bench_section(run: RunFiles) -> list[str]:
-    from runtime.machine import describe_machine
 
     b = run.bench
     cfg, variants = b["config"], b["variants"]
@@ -435,7 +428,6 @@ def plot_accuracy_vs_size(points: list[EvalPoint], title: str = "") -> bytes | N
     if len(axes_spec) > 1:
         axes[0][1].set_title("Accuracy vs bytes")
     fig.tight_layout()
-    from runtime.report import figure_png
 
     return figure_png(fig)
 
@@ -452,7 +444,7 @@ def write_report(run_dir) -> dict:
     else:
         (run.run_dir / PLOT).unlink(missing_ok=True)  # a stale plot would contradict the report
     written["report"] = run.run_dir / REPORT
-    atomic_write_bytes(written["report"], render_report(run).encode())
+    atomic_write_text(written["report"], render_report(run))
     log.info("wrote %s", written["report"])
     return {"paths": written, "missing": run.missing}
 
