@@ -26,6 +26,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
+from .files import atomic_path, atomic_write_bytes, atomic_write_text, figure_png, json_text, write_json
+
+__all__ = ["OneLineParser", "OutputError", "atomic_path", "atomic_write_bytes", "atomic_write_text", "figure_png",
+           "json_text", "option_value", "oserror_line", "publish_dir", "remove_stale", "reserve_output", "run_cli",
+           "staging_dir", "write_json"]
+
 log = logging.getLogger(__name__)
 
 # What a killed run leaves: staging folders beside the output (.<name>.tmp-*, .<name>.old-*), the

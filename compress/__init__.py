@@ -18,14 +18,15 @@ it touches no data and no CUDA. The stage in one call, and its steps one by one:
 ``run(cfg, reuse=result.prepared)`` runs another budget on the same statistics and factors;
 ``Config(plan=DIR)`` / ``--plan DIR`` re-applies a saved plan (``load_plan``).
 """
-from . import reference_model, zoo  # noqa: F401  (registers vit_cifar_ref/_narrow and the zoo models with timm)
+from . import distributed, reference_model, zoo  # noqa: F401  (reference_model, zoo: register their models with timm)
 from .allocate import ALLOCATIONS, Budget, LayerPlan, Plan
-from .artifact import load_compressed, load_dense, read_manifest, save_compressed
+from .artifact import fingerprint, load_compressed, load_dense, read_manifest, save_compressed
 from .compensate import compensate_
 from .errors import CompressError
 from .finetune import distill_
 from .lowrank import LowRankLinear, lowrank_layers
-from .models import features_and_logits, has_head, load_model, num_classes
+from .models import excluded_linears, features_and_logits, has_head, load_model, num_classes
+from .options import add_calibration_arguments, add_method_arguments, add_weights_arguments
 from .pipeline import Config, Prepared, RunResult, config_defaults, default_stats_cache, prepare, run
 from .quantize import apply_fake_quant_, quantize_weight, remove_fake_quant_
 from .refine import RefineConfig, output_cosine, refine_
@@ -33,9 +34,11 @@ from .stats import Stats
 from .svd import METHODS
 from .verbs import Factors, allocate, apply_, calibrate_, collect, factorise, fake_quant, load_plan
 
-__all__ = ["ALLOCATIONS", "METHODS", "Budget", "CompressError", "Config", "Factors", "LayerPlan", "LowRankLinear", "Plan", "Prepared",
-           "RefineConfig", "RunResult", "Stats", "allocate", "apply_", "apply_fake_quant_", "calibrate_",
-           "collect", "compensate_", "config_defaults", "default_stats_cache", "distill_", "factorise", "fake_quant",
-           "features_and_logits", "has_head", "load_compressed", "load_dense", "load_model", "load_plan",
-           "lowrank_layers", "num_classes", "output_cosine", "prepare", "quantize_weight", "read_manifest",
-           "refine_", "remove_fake_quant_", "run", "save_compressed"]
+__all__ = ["ALLOCATIONS", "METHODS", "Budget", "CompressError", "Config", "Factors", "LayerPlan", "LowRankLinear",
+           "Plan", "Prepared", "RefineConfig", "RunResult", "Stats", "add_calibration_arguments",
+           "add_method_arguments", "add_weights_arguments", "allocate", "apply_", "apply_fake_quant_", "calibrate_",
+           "collect", "compensate_", "config_defaults", "default_stats_cache", "distill_", "distributed",
+           "excluded_linears", "factorise", "fake_quant", "features_and_logits", "fingerprint", "has_head",
+           "load_compressed", "load_dense", "load_model", "load_plan", "lowrank_layers", "num_classes",
+           "output_cosine", "prepare", "quantize_weight", "read_manifest", "refine_", "remove_fake_quant_", "run",
+           "save_compressed"]

@@ -6,8 +6,11 @@
 Importing the package is cheap (torch, onnx and friends load on first use).
 """
 from .errors import ExportError, ParityError
+from .files import FILES, PRECISIONS, REPORT, STEMS, ExportFile, engine_name, onnx_name
+from .parity import cpu_int8_saturates
 
-__all__ = ["ExportError", "ExportOptions", "ParityError", "export_compressed"]
+__all__ = ["FILES", "PRECISIONS", "REPORT", "STEMS", "ExportError", "ExportFile", "ExportOptions", "ParityError",
+           "cpu_int8_saturates", "engine_name", "export_compressed", "onnx_name"]
 
 
 def __getattr__(name):  # lazy: keep `import export` cheap

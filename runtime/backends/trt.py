@@ -28,7 +28,7 @@ import numpy as np
 from runtime.backends.base import INPUT_NAME, OUTPUT_NAME, Backend
 from runtime.backends.trt_cuda import DeviceBuffer, handle
 from runtime.errors import RuntimeStageError
-from runtime.report import atomic_write_bytes as write_atomic
+from cliutil import atomic_write_bytes as write_atomic
 
 log = logging.getLogger(__name__)
 

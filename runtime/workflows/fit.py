@@ -28,7 +28,7 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from cliutil.files import atomic_write_text, write_json
+from cliutil import atomic_write_text, write_json
 from export import ExportOptions
 from runtime.backends import thread_options
 from runtime.benchmark import BenchConfig

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from export import REPORT as EXPORT_REPORT
+
 COMPRESSED, ONNX, BENCH, EVAL = "compressed", "onnx", "bench", "eval.json"
 REPORT, PLOT = "report.md", "accuracy_vs_size.png"
 # The JSON document each stage leaves, by the name the report uses for it.
 SOURCES = {
     "manifest": f"{COMPRESSED}/manifest.json",
-    "export": f"{ONNX}/export_report.json",
+    "export": f"{ONNX}/{EXPORT_REPORT}",
     "bench": f"{BENCH}/bench.json",
     "eval": EVAL,
 }

@@ -21,7 +21,8 @@ from calibration_data import make_loader
 from export import export_compressed
 from runtime.backends import open_backend
 from runtime.benchmark import run_benchmark
-from runtime.evaluate import backend_variant, evaluate, result_document, torch_variant, write_json
+from cliutil import write_json
+from runtime.evaluate import backend_variant, evaluate, result_document, torch_variant
 from runtime.report import write_outputs
 from runtime.workflows.layout import BENCH, COMPRESSED, EVAL, ONNX
 

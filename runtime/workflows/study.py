@@ -23,7 +23,7 @@ import logging
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,10 +31,9 @@ import torch
 from tqdm import tqdm
 
 from calibration_data import make_loader
-from cliutil.files import atomic_write_bytes, atomic_write_text, figure_png, write_json
-from compress import (Config, config_defaults, default_stats_cache, distributed, fake_quant, features_and_logits,
+from cliutil import atomic_write_bytes, atomic_write_text, figure_png, write_json
+from compress import (Config, add_calibration_arguments, add_weights_arguments, config_defaults, default_stats_cache, distributed, fake_quant, features_and_logits,
                       load_model, output_cosine, run)
-from compress.options import add_calibration_arguments, add_weights_arguments
 from runtime.errors import RuntimeStageError
 from runtime.evaluate import resolve_data, score
 

@@ -26,11 +26,11 @@ from pathlib import Path
 
 import torch
 
-from compress import Config, config_defaults, default_stats_cache
-from compress.options import add_calibration_arguments, add_method_arguments, add_weights_arguments
+from compress import (Config, add_calibration_arguments, add_method_arguments, add_weights_arguments, config_defaults,
+                      default_stats_cache)
 from cliutil import option_value
-from cliutil.files import atomic_write_bytes, figure_png, write_json
-from export import ExportOptions
+from cliutil import atomic_write_bytes, figure_png, write_json
+from export import ExportOptions, onnx_name
 from runtime.backends import thread_options
 from runtime.benchmark import BenchConfig
 from runtime.errors import RuntimeStageError
@@ -44,8 +44,8 @@ log = logging.getLogger(__name__)
 
 SCHEMA = 1
 PRECISIONS = ("fp32", "int8")
-FILES = {"fp32": "model.onnx", "int8": "model.int8.onnx"}
-DENSE_FILES = {"fp32": "dense.onnx", "int8": "dense.int8.onnx"}
+FILES = {p: onnx_name("model", p) for p in PRECISIONS}
+DENSE_FILES = {p: onnx_name("dense", p) for p in PRECISIONS}
 
 
 @dataclass(frozen=True)
