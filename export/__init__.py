@@ -8,9 +8,11 @@ Importing the package is cheap (torch, onnx and friends load on first use).
 from .errors import ExportError, ParityError
 from .files import FILES, PRECISIONS, REPORT, STEMS, ExportFile, engine_name, onnx_name
 from .parity import cpu_int8_saturates
+from .stats import graph_tensors, initializer_bytes, tensor_bytes
 
 __all__ = ["FILES", "PRECISIONS", "REPORT", "STEMS", "ExportError", "ExportFile", "ExportOptions", "ParityError",
-           "cpu_int8_saturates", "engine_name", "export_compressed", "onnx_name"]
+           "cpu_int8_saturates", "engine_name", "export_compressed", "graph_tensors", "initializer_bytes", "onnx_name",
+           "tensor_bytes"]
 
 
 def __getattr__(name):  # lazy: keep `import export` cheap
