@@ -9,6 +9,7 @@ from .images import (BUNDLED, CIFAR10_SPLITS, IMAGENET_WNIDS, ImageSet, bundled_
                      default_calibration_for, default_evaluation_for, is_spec, load_image_set, make_loader,
                      resolve_data_config)
 
-__all__ = ["BUNDLED", "CIFAR10_SPLITS", "IMAGENET_WNIDS", "CalibrationDataError", "ImageSet", "bundled_path", "cifar10_split",
+__all__ = ["BUNDLED", "CIFAR10_SPLITS", "IMAGENET_WNIDS", "CalibrationDataError", "ImageSet", "bundled_path",
+           "cifar10_split",
            "cifar10_test_set", "default_calibration_for", "default_evaluation_for", "is_spec", "load_image_set",
            "load_cifar10", "make_loader", "resolve_data_config"]

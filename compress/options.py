@@ -46,7 +46,8 @@ def add_method_arguments(g, d: dict) -> None:
     """--method, --allocation, --granule, --comp-rank and --comp-steps (defaults ``d``)."""
     g.add_argument("--method", default=d["method"], choices=METHODS, help="default %(default)s")
     g.add_argument("--allocation", default=d["allocation"], choices=ALLOCATIONS, help="default %(default)s")
-    g.add_argument("--granule", type=int, default=d["granule"], help="ranks are multiples of this (default %(default)s)")
+    g.add_argument("--granule", type=int, default=d["granule"],
+                   help="ranks are multiples of this (default %(default)s)")
     g.add_argument("--comp-rank", type=int, default=d["comp_rank"],
                    help="rank q of the paper's compensation term (0 = off, the default: on real weights the "
                         "sequential refit beats it at equal parameters); kept only if it beats the SVD at "

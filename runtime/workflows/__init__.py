@@ -8,6 +8,7 @@
 
 Each is a frozen config plus one function (``run_sweep(base, SweepConfig)``, ``run_fit``,
 ``run_study(StudyConfig)``) with a thin CLI (``python -m runtime sweep|fit|study|report``).
-Only these modules import compress and export; runtime's own modules (backends, benchmark,
-memory, evaluate, profile, engine, machine probes) measure ONNX files and know nothing of them.
+Only these modules drive several stages; runtime's own modules (backends, benchmark, memory,
+evaluate, profile, engine, machine probes) measure, using compress and export only through
+their public names (evaluate loads the compressed PyTorch model with compress.load_compressed).
 """

@@ -32,8 +32,8 @@ from tqdm import tqdm
 
 from calibration_data import make_loader
 from cliutil import atomic_write_bytes, atomic_write_text, figure_png, write_json
-from compress import (Config, add_calibration_arguments, add_weights_arguments, config_defaults, default_stats_cache, distributed, fake_quant, features_and_logits,
-                      load_model, output_cosine, run)
+from compress import (Config, add_calibration_arguments, add_weights_arguments, config_defaults, default_stats_cache,
+                      distributed, fake_quant, features_and_logits, load_model, output_cosine, run)
 from runtime.errors import RuntimeStageError
 from runtime.evaluate import resolve_data, score
 
