@@ -222,9 +222,6 @@ class Prepared:
     rng_state: torch.Tensor      # torch's RNG after loading: every budget starts from it
     timings: dict
 
-    def matches(self, cfg: Config) -> bool:
-        return _fields(cfg, _STATISTICS_FIELDS) == self.statistics_key and _fields(cfg, _FACTOR_FIELDS) == self.factor_key
-
 
 def _check_outputs(cfg: Config, spec) -> None:
     if cfg.finetune_steps > 0 and spec.outputs != "logits":
