@@ -41,11 +41,12 @@ import logging
 import sys
 from pathlib import Path
 
-from runtime.backends.trt import DEFAULT_OPT_BATCHES
 from cliutil import write_json
 from export import STEMS
 from export import engine_name as export_engine_name
 from export import onnx_name as export_onnx_name
+from runtime.backends.trt_build import (DEFAULT_OPT_BATCHES, TensorRTUnavailable, build_engine, require_cuda,
+                                       require_tensorrt)
 from runtime.errors import RuntimeStageError
 
 log = logging.getLogger(__name__)
@@ -122,7 +123,6 @@ def _ratio(a, b):
 
 def build_all(args, files: dict[str, Path]) -> dict:
     """Build one engine per variant; return the report (nothing in it is estimated)."""
-    from runtime.backends.trt import build_engine, require_cuda, require_tensorrt
     trt = require_tensorrt()
     cuda = require_cuda()
     cache = args.timing_cache or args.out / "timing.cache"
@@ -165,7 +165,6 @@ def format_table(report: dict) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
-    from runtime.backends.trt import TensorRTUnavailable
     try:
         files = _inputs(args)
         report = build_all(args, files)

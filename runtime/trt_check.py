@@ -295,7 +295,7 @@ def _images(args, onnx_dir: Path) -> np.ndarray:
 
 
 def main(args: argparse.Namespace) -> int:
-    from runtime.backends.trt import TensorRTUnavailable, opt_batch_list, require_cuda, require_tensorrt
+    from runtime.backends.trt_build import TensorRTUnavailable, opt_batch_list, require_cuda, require_tensorrt
 
     try:
         trt = require_tensorrt()
