@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from cliutil import atomic_path
+
 from .errors import CalibrationDataError
 
 log = logging.getLogger(__name__)
@@ -72,10 +74,8 @@ def _decode_to_cache(archive: Path, cache: Path) -> None:
         arrays[f"{split}_x"], arrays[f"{split}_y"] = xs, ys
     if len(arrays["train_x"]) != 50000 or len(arrays["test_x"]) != 10000:
         raise CalibrationDataError(f"{archive} is incomplete: expected 50,000 train and 10,000 test images")
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_suffix(".tmp.npz")
-    np.savez(tmp, **arrays)
-    os.replace(tmp, cache)
+    with atomic_path(cache) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **arrays)
     log.info("cached decoded CIFAR-10 at %s", cache)
     for stale in cache.parent.glob("cifar10-*.npz"):   # an archive copied or touched since: 177 MB each
         if stale != cache:

@@ -71,12 +71,13 @@ CIFAR10_SPLITS = {"cifar10:train": "train", "cifar10:test": "test"}
 
 
 def _default_set(model, key: str, cifar: str) -> str | Path:
-    """A model's default image set: its pretrained_cfg's ``key`` when it names one, else by family."""
-    cfg = {} if isinstance(model, str) else (getattr(model, "pretrained_cfg", None) or {})
-    if cfg.get(key):
-        return cfg[key]
-    name = model if isinstance(model, str) else cfg.get("architecture", "")
-    return bundled_path(cifar if name.startswith("vit_cifar") else "imagenet")
+    """A model's default image set: the one its pretrained_cfg's ``key`` names (the bundled CIFAR
+    models and the zoo set theirs), else the bundled ImageNet images. A bare timm name (no model
+    built yet) falls back on the bundled models' name."""
+    if isinstance(model, str):
+        return bundled_path(cifar if model.startswith("vit_cifar") else "imagenet")
+    name = (getattr(model, "pretrained_cfg", None) or {}).get(key)
+    return bundled_path(name) if name in BUNDLED else (name or bundled_path("imagenet"))
 
 
 def default_calibration_for(model) -> str | Path:

@@ -26,6 +26,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
+from .files import atomic_path, atomic_write_bytes, atomic_write_text, figure_png, json_text, write_json
+
+__all__ = ["OneLineParser", "OutputError", "atomic_path", "atomic_write_bytes", "atomic_write_text", "figure_png",
+           "json_text", "option_value", "oserror_line", "publish_dir", "remove_stale", "reserve_output", "run_cli",
+           "staging_dir", "write_json"]
+
 log = logging.getLogger(__name__)
 
 # What a killed run leaves: staging folders beside the output (.<name>.tmp-*, .<name>.old-*), the
@@ -249,3 +255,19 @@ def staging_dir(out: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def option_value(text: str) -> tuple[str, object]:
+    """argparse type of a repeatable KEY=VALUE option: the value as bool, int, float or string."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    lowered = value.lower()
+    if lowered in ("true", "false"):
+        return key, lowered == "true"
+    for cast in (int, float):
+        try:
+            return key, cast(value)
+        except ValueError:
+            pass
+    return key, value

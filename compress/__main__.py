@@ -6,31 +6,27 @@ import contextlib
 import logging
 import sys
 
+import torch
+
+from calibration_data import CalibrationDataError
 from cliutil import OneLineParser, reserve_output, run_cli
+
+from .artifact import replace_refusal
+from .distributed import is_main
 from .errors import CompressError
-from .options import add_model_options, model_options
-
-
-def add_weights_arguments(g) -> None:
-    """--model, --checkpoint and --pretrained/--random-init (shared with runtime sweep and fit)."""
-    g.add_argument("--model", required=True, help="timm model name (e.g. deit_tiny_patch16_224, vit_cifar_ref), "
-                                                  "or a user entry point package.module:function / file.py:function")
-    g.add_argument("--checkpoint", help="local weights: .safetensors or a torch file (weights_only)")
-    w = g.add_mutually_exclusive_group()
-    w.add_argument("--pretrained", dest="pretrained", action="store_const", const=True, default=None,
-                   help="timm's pretrained weights (needs the model hub; bundled for vit_cifar_*)")
-    w.add_argument("--random-init", dest="pretrained", action="store_const", const=False,
-                   help="random weights even for bundled models (default: bundled weights for "
-                        "vit_cifar_* when present, random init for other models)")
+from .options import (add_calibration_arguments, add_method_arguments, add_model_options, add_weights_arguments,
+                      model_options)
+from .pipeline import Config, config_defaults, default_stats_cache, run
 
 
 class _Parser(OneLineParser):
-    """Also requires a budget: one of --ratio/--params/--size-mb, or --target-latency-ms (or both)."""
+    """Also requires a budget: one of --ratio/--params/--size-mb/--plan, or --target-latency-ms (or both)."""
 
     def parse_args(self, args=None, namespace=None):
         a = super().parse_args(args, namespace)
-        if a.ratio is None and a.params is None and a.size_mb is None and a.target_latency_ms is None:
-            self.error("give a budget: one of --ratio, --params, --size-mb, and/or --target-latency-ms")
+        if (a.ratio is None and a.params is None and a.size_mb is None and a.plan is None
+                and a.target_latency_ms is None):
+            self.error("give a budget: one of --ratio, --params, --size-mb, --plan, and/or --target-latency-ms")
         return a
 
 
@@ -39,24 +35,23 @@ def get_parser() -> argparse.ArgumentParser:
         prog="python -m compress",
         description="Activation-aware mixed-rank low-rank compression (+ INT8 PTQ ranges) of a timm ViT. "
                     "Writes DIR/{manifest.json, weights.safetensors, report.md, ranks.png}.")
+    d = config_defaults()
     g = p.add_argument_group("model")
     add_weights_arguments(g)
     add_model_options(g)
     g.add_argument("--include-head", action="store_true", help="also factorise the classifier head")
     g = p.add_argument_group("calibration")
-    g.add_argument("--calib", help="image folder (flat or one subfolder per class); default: the bundled "
-                                   "set matching the model (CIFAR-10 for vit_cifar_*, else ImageNet)")
-    g.add_argument("--num-calib", type=int, default=256, help="images to use (seeded subset; default 256)")
-    g.add_argument("--batch-size", type=int, default=32)
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--stats-cache", metavar="DIR", default=None,
-                   help="cache calibration statistics here (default: ~/.cache/vit-edge/compress-stats)")
+    add_calibration_arguments(g, d)
+    g.add_argument("--batch-size", type=int, default=d["batch_size"])
+    g.add_argument("--seed", type=int, default=d["seed"])
     g.add_argument("--no-stats-cache", action="store_true", help="always recompute the statistics")
-    g = p.add_argument_group("budget (one of --ratio/--params/--size-mb, and/or --target-latency-ms)")
+    g = p.add_argument_group("budget (one of --ratio/--params/--size-mb/--plan, and/or --target-latency-ms)")
     b = g.add_mutually_exclusive_group()
     b.add_argument("--ratio", type=float, help="fraction of ALL model parameters to remove, e.g. 0.6")
     b.add_argument("--params", type=int, help="parameter count of the whole compressed model")
     b.add_argument("--size-mb", type=float, help="float32 size of the compressed model in MB (10^6 bytes)")
+    b.add_argument("--plan", metavar="PATH", help="re-apply a saved rank plan: a compressed directory, its "
+                                                  "manifest.json or a plan JSON (same model)")
     g.add_argument("--target-latency-ms", type=float, default=None, metavar="MS",
                    help="latency budget, predicted from the latency table at --latency-batch (alone, or with one of "
                         "the parameter budgets: both must hold)")
@@ -64,28 +59,21 @@ def get_parser() -> argparse.ArgumentParser:
                    help="per-layer latency table (`python -m runtime latency-table`): layers are factorised only at "
                         "widths whose pair is faster than dense there; 'auto' = this machine's cached table "
                         "(the default when --target-latency-ms is given)")
-    g.add_argument("--latency-precision", default="int8", choices=("int8", "fp32"),
-                   help="which timings of the table decide (default int8: the deployable)")
-    g.add_argument("--latency-batch", type=int, default=1, help="batch size of --target-latency-ms (default 1)")
+    g.add_argument("--latency-precision", default=d["latency_precision"], choices=("int8", "fp32"),
+                   help="which timings of the table decide (default %(default)s: the deployable)")
+    g.add_argument("--latency-batch", type=int, default=d["latency_batch"],
+                   help="batch size of --target-latency-ms (default %(default)s)")
     g = p.add_argument_group("method")
-    g.add_argument("--method", default="whiten", choices=("whiten", "plain", "diag", "mean-input"))
-    g.add_argument("--allocation", default="mixed", choices=("mixed", "uniform"))
-    g.add_argument("--granule", type=int, default=8, help="ranks are multiples of this (default 8)")
-    g.add_argument("--comp-rank", type=int, default=_defaults()["comp_rank"],
-                   help="rank q of the paper's compensation term (0 = off, the default: on real weights the "
-                        "sequential refit beats it at equal parameters); kept only if it beats the SVD at "
-                        "width r+q on the held-out images")
-    g.add_argument("--comp-steps", type=int, default=50,
-                   help="Adam steps refining the closed-form compensation start (0: closed form only)")
-    g.add_argument("--comp-images", type=int, default=64,
-                   help="calibration images used by the sequential compensation pass (0: all; default 64)")
-    g.add_argument("--gram-precision", default="float64", choices=("float64", "float32"),
+    add_method_arguments(g, d)
+    g.add_argument("--comp-images", type=int, default=d["comp_images"],
+                   help="calibration images used by the sequential compensation pass (0: all; default %(default)s)")
+    g.add_argument("--gram-precision", default=d["gram_precision"], choices=("float64", "float32"),
                    help="dtype of each batch's Gram product (sums are float64); float32 is ~2x faster")
-    g.add_argument("--alpha", type=float, default=0.5, help="exponent of the diag variant")
-    g.add_argument("--damping", type=float, default=1e-4, help="whitening damping, relative to mean(diag C)")
-    g.add_argument("--comp-damping", type=float, default=1e-4,
-                   help="ridge of the compensation fit, relative to mean(diag C~) (default 1e-4)")
-    d = _defaults()
+    g.add_argument("--alpha", type=float, default=d["alpha"], help="exponent of the diag variant")
+    g.add_argument("--damping", type=float, default=d["damping"],
+                   help="whitening damping, relative to mean(diag C) (default %(default)s)")
+    g.add_argument("--comp-damping", type=float, default=d["comp_damping"],
+                   help="ridge of the compensation fit, relative to mean(diag C~) (default %(default)s)")
     g = p.add_argument_group("refinement (beyond the paper; each kept only where held-out calibration images "
                              "say it pays)")
     g.add_argument("--heldout", type=int, default=d["heldout"],
@@ -105,20 +93,20 @@ def get_parser() -> argparse.ArgumentParser:
                    help="reallocate ranks by each layer's measured effect on the final features, probed on N "
                         f"calibration images (0: off; default {d['sensitivity_images']})")
     g = p.add_argument_group("recovery fine-tuning (beyond the paper; off by default)")
-    g.add_argument("--finetune-steps", type=int, default=0, metavar="N",
+    g.add_argument("--finetune-steps", type=int, default=d["finetune_steps"], metavar="N",
                    help="Adam steps distilling the dense model's logits into the low-rank factors on the "
                         "calibration images (random flips), before INT8 calibration; 0 = off (default), "
                         "the paper's no-fine-tuning setting; reported separately with its cost")
-    g.add_argument("--finetune-lr", type=float, default=3e-5, metavar="LR",
+    g.add_argument("--finetune-lr", type=float, default=d["finetune_lr"], metavar="LR",
                    help="peak learning rate of the fine-tuning (Adam, cosine decay to 0; default 3e-5: "
                         "1e-4 overfits vit_cifar_ref's 256 calibration images)")
     g = p.add_argument_group("quantization")
     g.add_argument("--no-quant", action="store_true", help="skip INT8 calibration and fake-quant evaluation")
-    g.add_argument("--quant-calib", default="minmax", choices=("minmax", "percentile"))
-    g.add_argument("--percentile", type=float, default=99.99)
+    g.add_argument("--quant-calib", default=d["quant_calib"], choices=("minmax", "percentile"))
+    g.add_argument("--percentile", type=float, default=d["percentile"])
     g = p.add_argument_group("run")
     g.add_argument("--out", required=True, help="output directory (replaced atomically)")
-    g.add_argument("--device", default="cpu")
+    g.add_argument("--device", default=d["device"])
     g.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads (0: torch default); recorded in the manifest: float reductions "
                         "depend on it, so weights differ across thread counts by float rounding (~1e-4), "
@@ -127,22 +115,11 @@ def get_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _defaults() -> dict:
-    """compress's defaults, from the one place they live (pipeline.Config)."""
-    import dataclasses
-
-    from .pipeline import Config
-
-    return {f.name: f.default for f in dataclasses.fields(Config)}
-
-
-def config_from_args(args: argparse.Namespace):
-    from .pipeline import Config, default_stats_cache
-
+def config_from_args(args: argparse.Namespace) -> Config:
     cache = None if args.no_stats_cache else (args.stats_cache or str(default_stats_cache()))
     return Config(model=args.model, out=args.out, **model_options(args), checkpoint=args.checkpoint, pretrained=args.pretrained,
                   calib=args.calib, num_calib=args.num_calib, batch_size=args.batch_size, seed=args.seed,
-                  ratio=args.ratio, params=args.params, size_mb=args.size_mb,
+                  ratio=args.ratio, params=args.params, size_mb=args.size_mb, plan=args.plan,
                   target_latency_ms=args.target_latency_ms, latency_table=args.latency_table,
                   latency_precision=args.latency_precision, latency_batch=args.latency_batch, method=args.method,
                   allocation=args.allocation, granule=args.granule, comp_rank=args.comp_rank,
@@ -160,21 +137,12 @@ def main(argv=None) -> int:
     args = get_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
-    from calibration_data import CalibrationDataError
-
-    from .artifact import replace_refusal
-
     def body() -> int:
-        from .distributed import is_main  # under torchrun only rank 0 holds and writes --out
-
+        # under torchrun only rank 0 holds and writes --out
         with (reserve_output(args.out, kind="dir", accepts=replace_refusal) if is_main()
               else contextlib.nullcontext()):  # before any expensive work
             if args.threads > 0:
-                import torch
-
                 torch.set_num_threads(args.threads)
-            from .pipeline import run
-
             result = run(config_from_args(args))
         if result is None:  # a torchrun rank > 0: its share of the statistics went to rank 0
             return 0

@@ -22,8 +22,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from . import reference_model  # noqa: F401  (registers the bundled models)
 from .errors import CompressError
 from .lowrank import LowRankLinear, lowrank_layers, replace_module_
+from .models import adapter_for, apply_preprocessing, build_raw, load_from_spec, resolve_preprocessing
 
 log = logging.getLogger(__name__)
 
@@ -249,9 +254,6 @@ def build_architecture(manifest: dict) -> nn.Module:
     """The compressed architecture with uninitialised-weights semantics (weights to be loaded): the
     recorded builder (timm name or entry point) and kwargs, the family's rewrite, the recorded
     preprocessing, and a LowRankLinear of the recorded shape at every factorised layer."""
-    from . import reference_model  # noqa: F401  (registers the bundled models)
-    from .models import adapter_for, apply_preprocessing, build_raw, resolve_preprocessing
-
     spec = manifest["model"]
     try:
         with torch.random.fork_rng(devices=[]):  # the throwaway init must not disturb the caller's RNG
@@ -277,9 +279,6 @@ def build_architecture(manifest: dict) -> nn.Module:
 
 def load_compressed(path: str | Path, device: str = "cpu") -> tuple[nn.Module, dict]:
     """(model in eval mode, manifest) rebuilt from the directory alone."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     d = Path(path).expanduser()
     manifest = read_manifest(d)
     wp = d / "weights.safetensors"
@@ -297,3 +296,12 @@ def load_compressed(path: str | Path, device: str = "cpu") -> tuple[nn.Module, d
         raise CompressError(f"{wp} does not match the manifest's architecture: "
                             f"{' '.join(first[:2])[:200]}") from None
     return model.eval().to(device), manifest
+
+
+def load_dense(manifest: dict) -> nn.Module:
+    """The dense original of a compressed model (eval mode), rebuilt from its manifest alone.
+
+    A random-init model is rebuilt with the seed compress used (it seeds torch right before
+    building the model), so "dense" is the network that was compressed.
+    """
+    return load_from_spec(manifest["model"], (manifest.get("config") or {}).get("seed"))

@@ -24,6 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from cliutil import atomic_write_text, write_json
+
 DEFAULT_ARCHIVE = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "imagenet-samples" / \
     "imagenet-samples.tar"
 DEFAULT_MODELS = "deit_tiny_patch16_224,deit_small_patch16_224,deit_base_patch16_224"
@@ -135,10 +137,8 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     result = {"command": " ".join([Path(sys.executable).name, "-m", "compress.benchmark", *(argv or sys.argv[1:])]),
               "machine": machine, "records": records}
-    for name, text in (("bench_compress.json", json.dumps(result, indent=1)), ("bench_compress.md", markdown(records))):
-        tmp = args.out / f".{name}.tmp"
-        tmp.write_text(text)
-        os.replace(tmp, args.out / name)
+    write_json(args.out / "bench_compress.json", result, indent=1)
+    atomic_write_text(args.out / "bench_compress.md", markdown(records))
     print(markdown(records))
     return 0 if all("error" not in r for r in records) else 1
 

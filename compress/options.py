@@ -1,15 +1,60 @@
-"""The CLI's model options (shared by every command that builds a model), kept free of torch so
-``--help`` stays fast: build keywords, position-table resampling, preprocessing overrides."""
+"""compress's command-line options, declared once and shared by every command that compresses
+(python -m compress, runtime sweep/fit/study): the weights, the model's build and preprocessing
+options, the calibration set and the method. Defaults are pipeline.Config's (``d``), passed in.
+"""
 from __future__ import annotations
 
 import argparse
 import json
 
+from .allocate import ALLOCATIONS
 from .errors import CompressError
+from .svd import METHODS
 
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
 # How a checkpoint's position table of another grid is resampled; "auto" is the framework's own way.
 POS_INTERPOLATIONS = ("auto", "bicubic", "bicubic-antialias", "bilinear", "bilinear-antialias", "nearest")
+
+
+def add_weights_arguments(g, model_default: str | None = None) -> None:
+    """--model, --checkpoint and --pretrained/--random-init."""
+    g.add_argument("--model", required=model_default is None, default=model_default,
+                   help="timm model name (e.g. deit_tiny_patch16_224, vit_cifar_ref), or a user entry point "
+                        "package.module:function / file.py:function" + (f" (default {model_default})"
+                                                                        if model_default else ""))
+    g.add_argument("--checkpoint", help="local weights: .safetensors or a torch file (weights_only)")
+    w = g.add_mutually_exclusive_group()
+    w.add_argument("--pretrained", dest="pretrained", action="store_const", const=True, default=None,
+                   help="pretrained weights (bundled for vit_cifar_*, the converted cache for the zoo models, "
+                        "else timm's hub)")
+    w.add_argument("--random-init", dest="pretrained", action="store_const", const=False,
+                   help="random weights even for bundled models (default: the bundled or converted weights "
+                        "when present, random init for other models)")
+
+
+def add_calibration_arguments(g, d: dict) -> None:
+    """--calib, --num-calib and --stats-cache (defaults ``d``: pipeline.config_defaults())."""
+    g.add_argument("--calib", help="image folder (flat or one subfolder per class) or a built-in set; default: "
+                                   "the set the model's pretrained_cfg names")
+    g.add_argument("--num-calib", type=int, default=d["num_calib"],
+                   help="images to use (seeded subset; default %(default)s)")
+    g.add_argument("--stats-cache", metavar="DIR", default=None,
+                   help="cache calibration statistics here (default: ~/.cache/vit-edge/compress-stats)")
+
+
+def add_method_arguments(g, d: dict) -> None:
+    """--method, --allocation, --granule, --comp-rank and --comp-steps (defaults ``d``)."""
+    g.add_argument("--method", default=d["method"], choices=METHODS, help="default %(default)s")
+    g.add_argument("--allocation", default=d["allocation"], choices=ALLOCATIONS, help="default %(default)s")
+    g.add_argument("--granule", type=int, default=d["granule"],
+                   help="ranks are multiples of this (default %(default)s)")
+    g.add_argument("--comp-rank", type=int, default=d["comp_rank"],
+                   help="rank q of the paper's compensation term (0 = off, the default: on real weights the "
+                        "sequential refit beats it at equal parameters); kept only if it beats the SVD at "
+                        "width r+q on the held-out images")
+    g.add_argument("--comp-steps", type=int, default=d["comp_steps"],
+                   help="Adam steps refining the closed-form compensation start (0: closed form only; "
+                        "default %(default)s)")
 
 
 def add_model_options(g) -> None:

@@ -1,9 +1,12 @@
 """The whole compress stage as one function: ``run(Config(...))`` -> the output directory.
 
-statistics (stats.py, cached) -> one SVD per layer (svd.py) -> rank plan (allocate.py)
--> low-rank model -> sequential error compensation (compensate.py) -> optional distillation
-fine-tuning of the factors (finetune.py, off by default) -> INT8 ranges and fake-quant error
-(quantize.py) -> atomic artifact (artifact.py: manifest, weights, report).
+``prepare``: model, calibration images, statistics (stats.py, cached on disk) and one SVD per
+layer (svd.py); ``run``: rank plan (allocate.py, or a saved one) -> low-rank model -> the
+paper's compensation (compensate.py, off by default) -> sequential refit / block reconstruction
+(refine.py) -> optional distillation (finetune.py) -> INT8 ranges and fake-quant error
+(quantize.py) -> atomic artifact (artifact.py: manifest, weights, report). Each step is a verb
+of compress.verbs; ``run(cfg, reuse=result.prepared)`` serves another budget from the same
+statistics and factors.
 """
 from __future__ import annotations
 
@@ -11,23 +14,38 @@ import copy
 import dataclasses
 import hashlib
 import logging
+import os
 import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import safetensors
+import timm
 import torch
 
-from .allocate import ALLOCATIONS, Budget, LayerCurve, Plan, allocate
+from calibration_data import CalibrationDataError, default_calibration_for, is_spec, load_image_set, make_loader
+
+from . import distributed, stats
+from .allocate import ALLOCATIONS, Budget, LayerCurve, Plan
+from .allocate import allocate as allocate_ranks
+from .artifact import save_compressed
+from .compensate import compensate_
 from .errors import CompressError
+from .finetune import distill_
+from .lowrank import LowRankLinear, replace_module_
+from .models import compressible_layers, count_params, load_model_with_spec, weights_fingerprint
+from .quantize import ACT_SCHEME, WEIGHT_SCHEME, fake_quant_error, model_outputs, output_error, ranges_from_states
+from .refine import RefineConfig, heldout_cosine, refine_
+from .sensitivity import sensitivities, weighted_curves
+from .stats import Stats
 from .svd import DEFAULT_DAMPING, METHODS
+from .verbs import Factors, allocate, apply_, calibrate_, check_plan, collect, factorise, load_plan
 
 log = logging.getLogger(__name__)
 
 
 def default_stats_cache() -> Path:
-    import os
-
     return Path(os.environ.get("VIT_EDGE_CACHE", Path.home() / ".cache" / "vit-edge")) / "compress-stats"
 
 
@@ -45,10 +63,11 @@ class Config:
     num_calib: int = 256
     batch_size: int = 32
     seed: int = 0
-    ratio: float | None = None           # at most one of ratio / params / size_mb, and/or target_latency_ms
+    ratio: float | None = None           # at most one of ratio / params / size_mb / plan, and/or target_latency_ms
     params: int | None = None
     size_mb: float | None = None
-    target_latency_ms: float | None = None  # predicted by the latency table (compress.latency)
+    plan: str | None = None              # or a saved rank plan (a compressed dir / manifest.json / plan JSON)
+    target_latency_ms: float | None = None  # predicted by the latency table (compress.latency); with or without
     latency_table: str | None = None     # JSON path, "auto" (this machine's cached table) or None (params only)
     latency_precision: str = "int8"      # which timings of the table the break-even and budget use
     latency_batch: int = 1               # the batch size --target-latency-ms is for
@@ -79,11 +98,14 @@ class Config:
     device: str = "cpu"
 
     def __post_init__(self):
-        given = [k for k in ("ratio", "params", "size_mb") if getattr(self, k) is not None]
+        given = [k for k in ("ratio", "params", "size_mb", "plan") if getattr(self, k) is not None]
         if len(given) > 1 or not given and self.target_latency_ms is None:
-            raise CompressError("give one budget: --ratio, --params or --size-mb, and/or --target-latency-ms"
+            raise CompressError("give one budget: --ratio, --params, --size-mb or --plan, and/or --target-latency-ms"
                                 + (f" (got {', '.join(given)})" if given else ""))
-        self.budget  # validates the value
+        if self.plan is not None and self.target_latency_ms is not None:
+            raise CompressError("--plan re-applies a saved rank plan as it is; drop --target-latency-ms")
+        if self.plan is None:
+            self.budget  # validates the value
         if self.method not in METHODS:
             raise CompressError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
         if self.allocation not in ALLOCATIONS:
@@ -116,6 +138,8 @@ class Config:
 
     @property
     def budget(self) -> Budget:
+        if self.plan is not None:
+            return load_plan(self.plan).budget
         if self.ratio is not None:
             return Budget("ratio", float(self.ratio))
         if self.params is not None:
@@ -133,12 +157,18 @@ class Config:
                               self.target_latency_ms) if table else None
 
 
+def config_defaults() -> dict:
+    """Config's defaults, the one place they live (every CLI that compresses reads them)."""
+    return {f.name: f.default for f in dataclasses.fields(Config) if f.default is not dataclasses.MISSING}
+
+
 @dataclass(frozen=True)
 class RunResult:
     out: Path
     manifest: dict
     plan: Plan
     model: torch.nn.Module     # the compressed model as saved (float32, eval mode, on the CPU)
+    prepared: "Prepared | None" = field(default=None, repr=False)   # pass as run(..., reuse=) for the next budget
 
 
 def calibration_hash(images) -> str:
@@ -155,21 +185,12 @@ def calibration_hash(images) -> str:
 
 def calib_source(calib) -> str:
     """How a manifest names the calibration images: a built-in set's name, or the folder's absolute path."""
-    from calibration_data import is_spec
-
     return str(calib) if is_spec(calib) else str(Path(calib).resolve())
 
 
 def _versions() -> dict:
-    import safetensors
-    import timm
-
     return {"python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__,
             "safetensors": safetensors.__version__}
-
-
-def _break_even_rank(m: int, n: int) -> int:
-    return max(1, min(m, n, (m * n - 1) // (m + n)))
 
 
 def _first_images(loader, n: int):
@@ -185,37 +206,149 @@ def _first_images(loader, n: int):
     return out
 
 
-_FACTORS: dict = {}   # (statistics key, method, alpha, damping) -> the factorisations of the last run
-
-
-def _split(images, n: int):
-    """The first ``n`` images of a set and the rest (a seeded subset's prefix is stable in ``num``)."""
-    def part(sl):
-        return dataclasses.replace(images, paths=images.paths[sl], labels=images.labels[sl],
-                                   arrays=None if images.arrays is None else images.arrays[sl])
-    return part(slice(0, n)), part(slice(n, None))
-
-
 def _tensors(loader) -> list[torch.Tensor]:
     return [b[0] if isinstance(b, (tuple, list)) else b for b in loader]
 
 
-def _validate_compensation_(dense, compressed, plan, facts, factors, held) -> dict:
+# Config fields that fix the dense model, its calibration images and statistics / its factorisation.
+_STATISTICS_FIELDS = ("model", "checkpoint", "pretrained", "model_kwargs", "data_config", "pos_interpolation",
+                      "calib", "num_calib", "batch_size", "seed", "gram_precision", "quant_calib", "include_head",
+                      "stats_cache", "device")
+_FACTOR_FIELDS = ("method", "alpha", "damping")
+
+
+def _fields(cfg: Config, names) -> tuple:
+    return tuple(getattr(cfg, n) for n in names)
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """What every budget of one model, calibration set and method shares: the dense model, its
+    calibration images, their statistics and the factorisation (``prepare``; ``run(..., reuse=)``)."""
+    statistics_key: tuple
+    factor_key: tuple
+    model: torch.nn.Module       # dense, eval mode, on the run's device
+    spec: object                 # compress.models.ModelSpec
+    calib: object                # the calibration set: a built-in name or a folder Path
+    images: object               # calibration_data.ImageSet of the calibration images
+    calib_hash: str
+    loader: object
+    stats: Stats
+    factors: Factors
+    rng_state: torch.Tensor      # torch's RNG after loading: every budget starts from it
+    timings: dict
+
+
+def _check_outputs(cfg: Config, spec) -> None:
+    if cfg.finetune_steps > 0 and spec.outputs != "logits":
+        raise CompressError("--finetune-steps distils the dense model's logits; this model is headless")
+
+
+def prepare(config: Config, reuse: Prepared | None = None) -> Prepared | None:
+    """Load the model and calibration images, collect the statistics and factorise every layer.
+
+    ``reuse`` (an earlier Prepared) is returned as is when it fits ``config``; with the same
+    model and images but another method its statistics are kept and only the SVDs rerun. None
+    on torchrun ranks > 0 (rank 0 gets the sharded statistics' sums, compress.distributed).
+    """
+    cfg, dev = config, config.device
+    skey, fkey = _fields(cfg, _STATISTICS_FIELDS), _fields(cfg, _FACTOR_FIELDS)
+    if reuse is not None and reuse.statistics_key == skey:
+        if reuse.factor_key == fkey:
+            return reuse
+        t = time.perf_counter()
+        factors = factorise(reuse.model, reuse.stats, cfg.method, alpha=cfg.alpha, damping=cfg.damping,
+                            include_head=cfg.include_head)
+        return dataclasses.replace(reuse, factor_key=fkey, factors=factors,
+                                   timings={"factorisation": round(time.perf_counter() - t, 3)})
+    if dev.startswith("cuda") and not torch.cuda.is_available():
+        raise CompressError(f"--device {dev} asked for but CUDA is not available")
+    timings: dict[str, float] = {}
+    t = time.perf_counter()
+
+    def lap(name):
+        nonlocal t
+        now = time.perf_counter()
+        timings[name] = round(now - t, 3)
+        t = now
+
+    torch.manual_seed(cfg.seed)
+    model, spec = load_model_with_spec(cfg.model, cfg.checkpoint, cfg.pretrained, data_config=cfg.data_config,
+                                       pos_interpolation=cfg.pos_interpolation, **cfg.model_kwargs)
+    _check_outputs(cfg, spec)
+    layers = compressible_layers(model, cfg.include_head)
+    shapes = {n: (l.out_features, l.in_features, l.bias is not None) for n, l in layers.items()}
+    total_params = count_params(model)
+    # an impossible budget or a plan of another model depends on shapes only: say so before the expensive passes
+    cfg.latency_target()   # a missing latency table is an error before the expensive passes
+    if cfg.plan is not None:
+        check_plan(load_plan(cfg.plan), shapes, total_params)
+    elif cfg.budget.kind != "latency":
+        allocate_ranks([LayerCurve(n, m, k, b, (0.0,) * (min(m, k) + 1)) for n, (m, k, b) in shapes.items()],
+                       total_params, cfg.budget, granule=cfg.granule, comp_rank=cfg.comp_rank)
+    calib = cfg.calib or default_calibration_for(model)
+    calib = calib if is_spec(calib) else Path(calib)
+    try:
+        images = load_image_set(calib, num=cfg.num_calib, seed=cfg.seed)
+        loader = make_loader(images, model, batch_size=cfg.batch_size)
+    except CalibrationDataError as e:
+        raise CompressError(str(e)) from None
+    calib_hash = calibration_hash(images)
+    lap("load")
+    log.info("%s: %s parameters, %d compressible layers, %d calibration images from %s",
+             cfg.model, f"{total_params:,}", len(layers), len(images), calib)
+
+    # statistics (cached on disk: the key names the weights, layers, images and options)
+    hist = cfg.quant_calib == "percentile"
+    key = (stats.cache_key(weights_fingerprint(model), layers, calib_hash, len(images),
+                           f"hist={hist},gram={cfg.gram_precision}") if cfg.stats_cache else "")
+    if distributed.shards_statistics():  # under torchrun: each rank a shard, rank 0 the sums (distributed.py)
+        st = distributed.collect(model, layers, images, lambda part: make_loader(part, model, cfg.batch_size),
+                                 cfg.batch_size, dev, histogram=hist, precision=cfg.gram_precision,
+                                 cache_dir=cfg.stats_cache, key=key)
+        if st is None:   # not rank 0: rank 0 runs the sequential passes and writes
+            return None
+    else:
+        st = collect(model, loader, device=dev, include_head=cfg.include_head, histogram=hist,
+                     precision=cfg.gram_precision, cache_dir=cfg.stats_cache, key=key)
+    lap("statistics")
+    factors = factorise(model, st, cfg.method, alpha=cfg.alpha, damping=cfg.damping, include_head=cfg.include_head)
+    lap("factorisation")
+    return Prepared(skey, fkey, model, spec, calib, images, calib_hash, loader, st, factors,
+                    torch.get_rng_state(), timings)
+
+
+def _heldout_images(cfg: Config, prep: Prepared) -> list[torch.Tensor]:
+    """The ``cfg.heldout`` images drawn after the calibration ones (never fitted on), as batches."""
+    n = cfg.heldout if cfg.refines or cfg.comp_rank > 0 else 0
+    if n == 0:
+        return []
+    try:
+        everything = load_image_set(prep.calib, num=cfg.num_calib + n, seed=cfg.seed)
+        held = dataclasses.replace(everything, paths=everything.paths[len(prep.images):],
+                                   labels=everything.labels[len(prep.images):],
+                                   arrays=None if everything.arrays is None else everything.arrays[len(prep.images):])
+        if len(held) == 0:
+            raise CalibrationDataError(f"{prep.calib} has no images left for the {n} held-out ones "
+                                       f"after {len(prep.images)} calibration images; lower --num-calib or --heldout")
+        return _tensors(make_loader(held, prep.model, batch_size=cfg.batch_size))
+    except CalibrationDataError as e:
+        raise CompressError(str(e)) from None
+
+
+def _validate_compensation_(dense, compressed, plan, factors: Factors, pairs, held) -> dict:
     """Keep the compensation only if it beats, on held-out images, giving its q ranks to the SVD instead.
 
     Measured on the real ViT-S/14 (issue 10): compensation lowers the sequential error on the images
     it is fitted on while the network's output gets much worse; the fair alternative at the same
     parameter count is the whitened SVD at the full width r + q, so that is what it must beat.
     """
-    from .lowrank import replace_module_
-    from .refine import heldout_cosine
-
     with_comp = heldout_cosine(dense, compressed, held)
     svd = copy.deepcopy(compressed)
     for lp in plan.layers:
         if not lp.dense:
-            A, B = facts[lp.name].factors(lp.width)
-            replace_module_(svd, lp.name, _with_split(A, B, factors[lp.name][2], lp))
+            A, B = factors.layers[lp.name].factors(lp.width)
+            replace_module_(svd, lp.name, _with_split(A, B, pairs[lp.name][2], lp))
     without = heldout_cosine(dense, svd, held)
     kept = with_comp[0] >= without[0]
     if not kept:
@@ -230,28 +363,51 @@ def _validate_compensation_(dense, compressed, plan, facts, factors, held) -> di
 
 def _with_split(A, B, bias, lp):
     """A width-(r+q) SVD pair stored with the plan's rank/compensation split, so the artifact layout holds."""
-    from .lowrank import LowRankLinear
-
     q = lp.comp_rank
     return LowRankLinear.from_factors(A[:, :lp.rank], B[:lp.rank], bias,
                                       A[:, lp.rank:] if q else None, B[lp.rank:].T if q else None)
 
 
-def run(config: Config) -> RunResult | None:
-    """Run the compress stage end to end and write ``config.out`` atomically (None on torchrun ranks > 0)."""
-    from calibration_data import CalibrationDataError, default_calibration_for, is_spec, load_image_set, make_loader
+def plan_for(cfg: Config, prep: Prepared) -> tuple[Plan, dict | None]:
+    """The rank plan of ``cfg`` on ``prep``: the saved one (--plan), or allocated under the budget
+    (reallocated by measured layer sensitivity with --sensitivity-images); and the sensitivities."""
+    if cfg.plan is not None:
+        plan = load_plan(cfg.plan)
+        if plan.comp_rank != cfg.comp_rank:
+            raise CompressError(f"the plan was made with --comp-rank {plan.comp_rank}; pass --comp-rank {plan.comp_rank}")
+        return plan, None
+    latency = cfg.latency_target()
+    plan = allocate(prep.factors, cfg.budget, granule=cfg.granule, comp_rank=cfg.comp_rank, allocation=cfg.allocation,
+                    latency=latency)
+    if cfg.sensitivity_images <= 0:
+        return plan, None
+    facts = prep.factors.layers
+    ranks = {lp.name: lp.rank for lp in plan.layers if not lp.dense}
+    sens = sensitivities(prep.model, {n: facts[n].factors for n in ranks}, ranks,
+                         {n: facts[n].error(r) for n, r in ranks.items()},
+                         _tensors(_first_images(prep.loader, cfg.sensitivity_images)))
+    return allocate(prep.factors, cfg.budget, granule=cfg.granule, comp_rank=cfg.comp_rank,
+                    allocation=cfg.allocation, curves=weighted_curves(prep.factors.curves(), sens),
+                    latency=latency), sens
 
-    from . import compensate, distributed, quantize, stats
-    from .artifact import save_compressed
-    from .lowrank import LowRankLinear, replace_module_
-    from .models import compressible_layers, count_params, load_model_with_spec, weights_fingerprint
-    from .svd import factorise
 
+def run(config: Config, reuse: Prepared | None = None) -> RunResult | None:
+    """Run the compress stage end to end and write ``config.out`` atomically (None on torchrun ranks > 0).
+
+    ``reuse``: the ``prepared`` of an earlier result; its model, statistics and factorisation
+    serve this run when they fit ``config`` (a sweep's budgets, a study's variants).
+    """
     cfg, dev = config, config.device
-    if dev.startswith("cuda") and not torch.cuda.is_available():
-        raise CompressError(f"--device {dev} asked for but CUDA is not available")
-    timings: dict[str, float] = {}
-    t0 = t = time.perf_counter()
+    t0 = time.perf_counter()
+    prep = prepare(cfg, reuse)
+    if prep is None:
+        return None
+    _check_outputs(cfg, prep.spec)
+    reused = reuse is not None and prep.stats is reuse.stats   # no statistics pass in this run
+    timings = {} if prep is reuse else dict(prep.timings)
+    torch.set_rng_state(prep.rng_state)
+    model, st, factors, loader = prep.model, prep.stats, prep.factors, prep.loader
+    t = time.perf_counter()
 
     def lap(name):
         nonlocal t
@@ -259,162 +415,56 @@ def run(config: Config) -> RunResult | None:
         timings[name] = round(now - t, 3)
         t = now
 
-    torch.manual_seed(cfg.seed)
-    model, spec = load_model_with_spec(cfg.model, cfg.checkpoint, cfg.pretrained, data_config=cfg.data_config,
-                                       pos_interpolation=cfg.pos_interpolation, **cfg.model_kwargs)
-    if cfg.finetune_steps > 0 and spec.outputs != "logits":
-        raise CompressError("--finetune-steps distils the dense model's logits; this model is headless")
-    layers = compressible_layers(model, cfg.include_head)
-    total_params = count_params(model)
-    latency = cfg.latency_target()   # a missing table is an error before the expensive passes
-    # an impossible budget depends on shapes only: say so before the expensive passes
-    if cfg.budget.kind != "latency":
-        allocate([LayerCurve(n, l.out_features, l.in_features, l.bias is not None,
-                         (0.0,) * (min(l.out_features, l.in_features) + 1)) for n, l in layers.items()],
-                 total_params, cfg.budget, granule=cfg.granule, comp_rank=cfg.comp_rank)
-    calib = cfg.calib or default_calibration_for(model)
-    calib = calib if is_spec(calib) else Path(calib)
-    heldout = cfg.heldout if cfg.refines or cfg.comp_rank > 0 else 0
-    try:
-        images = load_image_set(calib, num=cfg.num_calib + heldout, seed=cfg.seed)
-        images, held = _split(images, cfg.num_calib)
-        if heldout and len(held) == 0:
-            raise CalibrationDataError(f"{calib} has no images left for the {heldout} held-out ones "
-                                       f"after {len(images)} calibration images; lower --num-calib or --heldout")
-        loader = make_loader(images, model, batch_size=cfg.batch_size)
-        held_x = _tensors(make_loader(held, model, batch_size=cfg.batch_size)) if len(held) else []
-    except CalibrationDataError as e:
-        raise CompressError(str(e)) from None
-    calib_hash = calibration_hash(images)
-    lap("load")
-    log.info("%s: %s parameters, %d compressible layers, %d calibration images from %s",
-             cfg.model, f"{total_params:,}", len(layers), len(images), calib)
-
-    # 1. statistics (cached)
-    cache_dir = cfg.stats_cache
-    hist = cfg.quant_calib == "percentile"
-    key = (stats.cache_key(weights_fingerprint(model), layers, calib_hash, len(images),
-                           f"hist={hist},gram={cfg.gram_precision}") if cache_dir else "")
-    if distributed.shards_statistics():  # under torchrun: each rank a shard, rank 0 the sums (distributed.py)
-        st = distributed.collect(model, layers, images, lambda part: make_loader(part, model, cfg.batch_size),
-                                 cfg.batch_size, dev, histogram=hist, precision=cfg.gram_precision,
-                                 cache_dir=cache_dir, key=key)
-        if st is None:   # not rank 0: rank 0 runs the sequential passes below and writes
-            return None
-    else:
-        st = stats.cached_collect(cache_dir, key, lambda: stats.collect(
-            model, layers, loader, dev, total=len(loader), histogram=hist, precision=cfg.gram_precision))
-    lap("statistics")
-
-    # 2. one SVD per layer (kept in memory for the next run on the same statistics: sweeps and studies)
-    fkey = (st.key, cfg.method, cfg.alpha, cfg.damping) if st.key else None
-    facts = _FACTORS.get(fkey) if fkey else None
-    if facts is None:
-        facts = {}
-        for name, lin in layers.items():
-            s = st.layers[name]
-            m, n = lin.out_features, lin.in_features
-            facts[name] = factorise(lin.weight.detach().cpu(), s.gram, cfg.method, mean_abs=s.mean_abs,
-                                    mean_input=s.mean, alpha=cfg.alpha, damping=cfg.damping,
-                                    keep=_break_even_rank(m, n), name=name)
-        if fkey:
-            _FACTORS.clear()   # one entry: a study alternates budgets, not statistics
-            _FACTORS[fkey] = facts
-    curves = [LayerCurve(name, lin.out_features, lin.in_features, lin.bias is not None,
-                         tuple(facts[name].curve.tolist()), tokens=st.layers[name].count // max(st.images, 1))
-              for name, lin in layers.items()]
-    lap("factorisation")
-
-    # 3. allocation
-    plan = allocate(curves, total_params, cfg.budget, granule=cfg.granule, comp_rank=cfg.comp_rank,
-                    allocation=cfg.allocation, method=cfg.method, latency=latency)
-    sens = None
-    if cfg.sensitivity_images > 0:
-        from .sensitivity import sensitivities, weighted_curves
-
-        ranks = {lp.name: lp.rank for lp in plan.layers if not lp.dense}
-        sens = sensitivities(model, {n: facts[n].factors for n in ranks}, ranks,
-                             {n: facts[n].error(r) for n, r in ranks.items()},
-                             _tensors(_first_images(loader, cfg.sensitivity_images)))
-        plan = allocate(weighted_curves(curves, sens), total_params, cfg.budget, granule=cfg.granule,
-                        comp_rank=cfg.comp_rank, allocation=cfg.allocation, method=cfg.method, latency=latency)
+    held_x = _heldout_images(cfg, prep)
+    plan, sens = plan_for(cfg, prep)
     log.info("plan: %s -> %s parameters (%.1f%% removed), %d of %d layers factorised",
              f"{plan.params_before:,}", f"{plan.params_after:,}", 100 * plan.ratio,
              sum(not l.dense for l in plan.layers), len(plan.layers))
     lap("allocation")
 
-    # 4. apply (SVD part), 5. compensation
+    # apply (SVD part), then the paper's compensation (held-out validated)
     compressed = copy.deepcopy(model)
-    factors = {}
-    for lp in plan.layers:
-        if lp.dense:
-            continue
-        A, B = facts[lp.name].factors(lp.rank)
-        bias = layers[lp.name].bias
-        factors[lp.name] = (A, B, None if bias is None else bias.detach().cpu().clone())
-        replace_module_(compressed, lp.name, LowRankLinear.from_factors(A, B, factors[lp.name][2]).to(dev))
+    pairs = apply_(compressed, factors, plan, device=dev)
     comp, n_comp, comp_check = {}, None, None
-    if cfg.comp_rank > 0 and factors:
+    if plan.comp_rank > 0 and pairs:
         # the first comp_images images of the (deterministic) loader; C must then come from
         # the same images, so the statistics are recomputed for them in the pass itself
         comp_batches = _first_images(loader, cfg.comp_images)
-        comp = compensate.compensate_(model, compressed, factors, None if comp_batches is not loader else
-                                      {n: st.layers[n].gram for n in factors},
-                                      cfg.comp_rank, comp_batches, steps=cfg.comp_steps, lr=cfg.comp_lr,
-                                      damping=cfg.comp_damping, device=dev, seed=cfg.seed,
-                                      precision=cfg.gram_precision)
-        n_comp = len(images) if comp_batches is loader else sum(len(b[0]) for b in comp_batches)
+        comp = compensate_(model, compressed, pairs, None if comp_batches is not loader else
+                           {n: st.layers[n].gram for n in pairs},
+                           plan.comp_rank, comp_batches, steps=cfg.comp_steps, lr=cfg.comp_lr,
+                           damping=cfg.comp_damping, device=dev, seed=cfg.seed, precision=cfg.gram_precision)
+        n_comp = len(prep.images) if comp_batches is loader else sum(len(b[0]) for b in comp_batches)
         if held_x:
-            comp_check = _validate_compensation_(model, compressed, plan, facts, factors, held_x)
+            comp_check = _validate_compensation_(model, compressed, plan, factors, pairs, held_x)
     compressed.eval()
     lap("compensation")
 
-    # 5a. sequential refit / block-wise reconstruction, each kept only where held-out images say it pays
+    # sequential refit / block-wise reconstruction, each kept only where held-out images say it pays
     refined = None
-    if cfg.refines and factors:
-        from .refine import RefineConfig, refine_
-
+    if cfg.refines and pairs:
         rcfg = RefineConfig(seq=cfg.seq_refit, recon_steps=cfg.recon_steps, recon_lr=cfg.recon_lr,
                             damping=cfg.refine_damping, seed=cfg.seed)
         refined = refine_(model, compressed, _tensors(loader), held_x, rcfg)
         lap("refinement")
 
-    # 5b. optional recovery fine-tuning (beyond the paper): before INT8, so the ranges fit the tuned factors
+    # optional recovery fine-tuning (beyond the paper): before INT8, so the ranges fit the tuned factors
     finetune = None
-    if cfg.finetune_steps > 0 and factors:
-        from .finetune import distill_
-
+    if cfg.finetune_steps > 0 and pairs:
         finetune = distill_(model, compressed, loader, cfg.finetune_steps, lr=cfg.finetune_lr, seed=cfg.seed,
                             device=dev, batch_size=cfg.batch_size)
         lap("finetune")
     elif cfg.finetune_steps > 0:
         log.warning("fine-tuning skipped: no layer was factorised")
 
-    # 6. INT8: balance the pairs, calibrate, measure the fake-quant error
-    from .quantize import ACT_SCHEME, WEIGHT_SCHEME, output_error
-
-    calib_desc = "min-max" if cfg.quant_calib == "minmax" else f"percentile {cfg.percentile}"
-    qinfo = {"enabled": cfg.quant, "weights": WEIGHT_SCHEME, "activations": ACT_SCHEME,
-             "calibration": calib_desc,
-             "dense_act_ranges": quantize.ranges_from_states(st.ranges, cfg.quant_calib, cfg.percentile),
-             "act_ranges": None}
-    agreement = {}
-    if cfg.quant:
-        ranges, y32 = quantize.balance_and_calibrate_(compressed, loader, cfg.quant_calib, cfg.percentile, dev)
-        err, y8 = quantize.fake_quant_error(compressed, ranges, loader, reference=y32, device=dev,
-                                            outputs=spec.outputs)
-        qinfo.update(act_ranges=ranges, balanced=True, fake_quant_error=err.to_dict())
-        agreement["compressed_fp32_vs_dense"] = output_error(y32, st.logits, spec.outputs).to_dict()
-        agreement["compressed_int8_vs_dense"] = output_error(y8, st.logits, spec.outputs).to_dict()
-        agreement["compressed_int8_vs_compressed_fp32"] = err.to_dict()
-    else:
-        y32 = quantize.model_outputs(compressed, loader, dev)
-        agreement["compressed_fp32_vs_dense"] = output_error(y32, st.logits, spec.outputs).to_dict()
+    # INT8: balance the pairs, calibrate, measure the fake-quant error
+    qinfo, agreement = _quantize_(cfg, prep, compressed)
     lap("quantization")
 
-    # 7. manifest + artifact
-    manifest = _manifest(cfg, spec, plan, facts, comp, st, calib, calib_hash, images, qinfo, agreement)
+    manifest = _manifest(cfg, prep.spec, plan, factors.layers, comp, st, prep.calib, prep.calib_hash, prep.images,
+                         qinfo, agreement)
     manifest["calibration"]["comp_images"] = n_comp
+    manifest["calibration"]["stats_from_cache"] = st.from_cache or reused
     manifest["finetune"] = finetune
     manifest["refine"] = refined
     manifest["compensation_check"] = comp_check
@@ -424,7 +474,29 @@ def run(config: Config) -> RunResult | None:
     lap("save")
     timings["total"] = round(time.perf_counter() - t0, 3)
     manifest["timings"] = timings
-    return RunResult(out, manifest, plan, compressed)
+    return RunResult(out, manifest, plan, compressed, prep)
+
+
+def _quantize_(cfg: Config, prep: Prepared, compressed) -> tuple[dict, dict]:
+    """INT8 ranges of the compressed model (pairs balanced first) and its output agreement with dense."""
+    st, loader, dev, outputs = prep.stats, prep.loader, cfg.device, prep.spec.outputs
+    calib_desc = "min-max" if cfg.quant_calib == "minmax" else f"percentile {cfg.percentile}"
+    qinfo = {"enabled": cfg.quant, "weights": WEIGHT_SCHEME, "activations": ACT_SCHEME,
+             "calibration": calib_desc,
+             "dense_act_ranges": ranges_from_states(st.ranges, cfg.quant_calib, cfg.percentile),
+             "act_ranges": None}
+    agreement = {}
+    if cfg.quant:
+        ranges, y32 = calibrate_(compressed, loader, cfg.quant_calib, cfg.percentile, dev)
+        err, y8 = fake_quant_error(compressed, ranges, loader, reference=y32, device=dev, outputs=outputs)
+        qinfo.update(act_ranges=ranges, balanced=True, fake_quant_error=err.to_dict())
+        agreement["compressed_fp32_vs_dense"] = output_error(y32, st.logits, outputs).to_dict()
+        agreement["compressed_int8_vs_dense"] = output_error(y8, st.logits, outputs).to_dict()
+        agreement["compressed_int8_vs_compressed_fp32"] = err.to_dict()
+    else:
+        y32 = model_outputs(compressed, loader, dev)
+        agreement["compressed_fp32_vs_dense"] = output_error(y32, st.logits, outputs).to_dict()
+    return qinfo, agreement
 
 
 def _manifest(cfg, spec, plan, facts, comp, st, calib, calib_hash, images, qinfo, agreement) -> dict:

@@ -30,10 +30,11 @@ ARCHS = {
 
 
 def data_config() -> dict:
-    """timm pretrained_cfg for the CIFAR models: 32 px, no crop, CIFAR statistics."""
+    """timm pretrained_cfg for the CIFAR models: 32 px, no crop, CIFAR statistics; ``calibration``
+    / ``evaluation`` name their default image sets (the bundled CIFAR-10 ones)."""
     return dict(input_size=(3, 32, 32), crop_pct=1.0, crop_mode="center",
                 interpolation="bicubic", mean=CIFAR10_MEAN, std=CIFAR10_STD,
-                num_classes=10, label_names=CIFAR10_CLASSES)
+                num_classes=10, label_names=CIFAR10_CLASSES, calibration="cifar10-calib", evaluation="cifar10-eval")
 
 
 def weights_path(name: str) -> Path:

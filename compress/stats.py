@@ -17,14 +17,14 @@ import hashlib
 import json
 import logging
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
 from torch import nn
+
+from cliutil import atomic_path, write_json
 
 from .errors import CompressError
 
@@ -300,18 +300,9 @@ def save_stats(cache_dir: Path, key: str, stats: Stats) -> None:
         tensors[f"range/{n}/counts"] = r["counts"].contiguous()
         meta["ranges"][n] = {k: v for k, v in r.items() if k != "counts"}
     # tensors first, JSON last: the JSON's presence marks a complete entry
-    fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp)
-        os.replace(tmp, cache_dir / f"{key}.safetensors")
-        fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump(meta, f)
-        os.replace(tmp, cache_dir / f"{key}.json")
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(cache_dir / f"{key}.safetensors") as tmp:
+        save_file(tensors, str(tmp))
+    write_json(cache_dir / f"{key}.json", meta, indent=None)
 
 
 def load_stats(cache_dir: Path, key: str) -> Stats | None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -20,7 +19,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from calibration_data.cifar10 import load_cifar10
+from calibration_data import load_cifar10
+from cliutil import atomic_path, write_json
 from compress import reference_model
 from compress.reference_model import CIFAR10_MEAN, CIFAR10_STD
 
@@ -147,24 +147,19 @@ def train(args: argparse.Namespace) -> dict:
         history.append(dict(epoch=epoch + 1, train_loss=float(np.mean(losses)), test_top1=acc,
                             seconds=time.perf_counter() - t0))
         print(json.dumps(history[-1]), file=sys.stderr, flush=True)
-        tmp = ckpt_path.with_suffix(".tmp")
-        torch.save(dict(model=model.state_dict(), opt=opt.state_dict(), gen=gen.get_state(),
-                        history=history, epoch=epoch + 1), tmp)
-        os.replace(tmp, ckpt_path)
-        tmp = log_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(dict(args={k: str(v) for k, v in vars(args).items()},
-                                       bf16=use_bf16, history=history), indent=1))
-        os.replace(tmp, log_path)
+        with atomic_path(ckpt_path) as tmp:
+            torch.save(dict(model=model.state_dict(), opt=opt.state_dict(), gen=gen.get_state(),
+                            history=history, epoch=epoch + 1), tmp)
+        write_json(log_path, dict(args={k: str(v) for k, v in vars(args).items()}, bf16=use_bf16, history=history),
+                   indent=1)
 
     from safetensors.torch import save_file
 
     out = args.out or reference_model.weights_path(args.arch)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp),
-              metadata={"arch": args.arch, "epochs": str(args.epochs), "seed": str(args.seed),
-                        "test_top1": f"{history[-1]['test_top1']:.4f}"})
-    os.replace(tmp, out)
+    with atomic_path(out) as tmp:
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp),
+                  metadata={"arch": args.arch, "epochs": str(args.epochs), "seed": str(args.seed),
+                            "test_top1": f"{history[-1]['test_top1']:.4f}"})
     return dict(weights=str(out), history=history)
 
 

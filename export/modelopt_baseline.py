@@ -24,10 +24,11 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ExportError
+from .files import BASELINE, onnx_name
 
 log = logging.getLogger(__name__)
 
-FILENAME = "dense.modelopt-int8.onnx"
+FILENAME = onnx_name("dense", BASELINE)   # export.files: the peer baseline's row
 INSTALL_HINT = "pip install 'vit-edge[modelopt]'"
 
 

@@ -25,13 +25,31 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
+import onnx
+import onnx_graphsurgeon
+import onnxruntime
+import polygraphy
+import timm
+import timm.data
+import torch
+from torch import nn
+
+from calibration_data import CalibrationDataError, default_calibration_for, load_image_set, make_loader
+from cliutil import staging_dir
+from compress import (CompressError, LowRankLinear, apply_fake_quant_, excluded_linears, fingerprint, load_compressed,
+                      load_dense, lowrank_layers, model_outputs, quantize_weight, remove_fake_quant_)
+
 from .errors import ExportError, ParityError
-from .onnx_export import MIN_OPSET, check_opset
+from .files import BY_FILENAME, REPORT, STEMS, onnx_name
+from .fp16 import QDQ_FP16_OPSET, fp16_gauge, graph_opset, to_fp16
+from .linears import canonicalize_linears, check_pairs, linear_weights
+from .onnx_export import MIN_OPSET, check_opset, export_onnx
+from .parity import TOLERANCES, check_parity, cpu_int8_saturates
+from .qdq import QuantizedLinear, insert_qdq
+from .stats import graph_stats
 
 log = logging.getLogger(__name__)
-
-VARIANTS = ("dense", "model")  # file stems: the original and the compressed model
-
 
 @dataclass(frozen=True)
 class ExportOptions:
@@ -57,12 +75,6 @@ class ExportOptions:
 # ----------------------------------------------------------------------------- loading
 def load_artifacts(compressed_dir) -> tuple[object, dict, object]:
     """(compressed model, manifest, dense model) from a compress output directory alone."""
-    import torch
-
-    from compress.artifact import load_compressed
-    from compress.errors import CompressError
-    from compress.models import load_from_spec
-
     d = Path(compressed_dir)
     if not d.is_dir():
         raise ExportError(f"compressed directory {d} does not exist (run `make compress` first)")
@@ -71,8 +83,8 @@ def load_artifacts(compressed_dir) -> tuple[object, dict, object]:
     except CompressError as e:
         raise ExportError(f"cannot load {d}: {e}") from None
     spec = manifest["model"]
-    try:  # compress seeds torch with its seed right before building a random-init model
-        dense = load_from_spec(spec, (manifest.get("config") or {}).get("seed"))
+    try:
+        dense = load_dense(manifest)
     except CompressError as e:
         raise ExportError(f"cannot rebuild the dense model {spec.get('name')}: {e}") from None
     check_architecture(model, dense, manifest)
@@ -86,10 +98,6 @@ def load_artifacts(compressed_dir) -> tuple[object, dict, object]:
 def same_origin(model, dense) -> bool:
     """True when every parameter outside the LowRankLinears equals the dense model's (the
     embeddings, norms and head are never changed by compress)."""
-    import torch
-
-    from compress.lowrank import lowrank_layers
-
     inside = tuple(f"{n}." for n in lowrank_layers(model))
     dense_params = dict(dense.named_parameters())
     return all(torch.equal(p, dense_params[n]) for n, p in model.named_parameters()
@@ -98,10 +106,6 @@ def same_origin(model, dense) -> bool:
 
 def check_architecture(model, dense, manifest: dict) -> None:
     """The compressed model, the dense model and the manifest must describe one architecture."""
-    from torch import nn
-
-    from compress.lowrank import LowRankLinear, lowrank_layers
-
     def fail(msg):
         raise ExportError(f"architecture mismatch: {msg}")
 
@@ -135,13 +139,6 @@ def check_architecture(model, dense, manifest: dict) -> None:
 
 def quantized_linears(model, ranges: dict[str, dict]):
     """QuantizedLinear specs (int8 weights from compress.quantize) for the layers in ``ranges``."""
-    from torch import nn
-
-    from compress.lowrank import LowRankLinear
-    from compress.quantize import quantize_weight
-
-    from .qdq import QuantizedLinear
-
     def int8(lin):
         q, s = quantize_weight(lin.weight)
         return q.cpu().numpy(), s.cpu().numpy()
@@ -165,12 +162,6 @@ def quantized_linears(model, ranges: dict[str, dict]):
 # ----------------------------------------------------------------------------- export
 def export_variant(model, input_size, opset: int, expect_pairs: bool) -> object:
     """fp32 ONNX of one model with canonical Linears (and, for the compressed one, checked pairs)."""
-    from compress.lowrank import lowrank_layers
-    from compress.models import excluded_linears
-
-    from .linears import canonicalize_linears, check_pairs, linear_weights
-    from .onnx_export import export_onnx
-
     proto = export_onnx(model, input_size, opset)
     proto, _ = canonicalize_linears(proto, linear_weights(model))
     expected = {n: (m.in_features, m.rank + m.comp_rank, m.out_features)
@@ -183,8 +174,6 @@ def export_variant(model, input_size, opset: int, expect_pairs: bool) -> object:
 
 def parity_batches(images_dir, model, num: int, batch_size: int) -> list:
     """Real images preprocessed with the model's timm data config, as float32 numpy batches."""
-    from calibration_data import CalibrationDataError, load_image_set, make_loader
-
     try:
         images = load_image_set(images_dir, num=num)
         return [x.numpy() for x, _ in make_loader(images, model, batch_size=batch_size)]
@@ -194,14 +183,6 @@ def parity_batches(images_dir, model, num: int, batch_size: int) -> list:
 
 def export_compressed(compressed_dir, out_dir, options: ExportOptions | None = None) -> dict:
     """Write the ONNX files and export_report.json to ``out_dir``; returns the report."""
-    import onnx
-    import timm.data
-
-    from calibration_data import default_calibration_for
-
-    from .fp16 import to_fp16
-    from .qdq import insert_qdq
-
     options = options or ExportOptions()
     if options.modelopt:   # before any work: a missing optional extra is one line
         from .modelopt_baseline import modelopt_version
@@ -213,34 +194,31 @@ def export_compressed(compressed_dir, out_dir, options: ExportOptions | None = N
         raise ExportError("the manifest has no INT8 calibration (quant.act_ranges / dense_act_ranges); "
                           "re-run compress with quantization or pass --no-int8")
     models = {"dense": dense, "model": model}
-    qspecs = {k: quantized_linears(models[k], ranges[k]) for k in VARIANTS} if options.int8 else {}
+    qspecs = {k: quantized_linears(models[k], ranges[k]) for k in STEMS} if options.int8 else {}
     input_size = tuple(timm.data.resolve_data_config({}, model=dense)["input_size"])
     calib = options.calib or default_calibration_for(dense)
     batches = parity_batches(calib, dense, options.num_parity, options.batch_size)
     outputs = manifest["model"].get("outputs", "logits")
 
-    from cliutil import staging_dir
-    from compress.artifact import fingerprint
-
     source = {"compressed": str(Path(compressed_dir).absolute()), "fingerprint": fingerprint(compressed_dir)}
     out = Path(out_dir)
     with staging_dir(out) as tmp:
         files: dict[str, dict] = {}
-        for stem in VARIANTS:
+        for stem in STEMS:
             m = models[stem]
             proto = export_variant(m, input_size, options.opset, expect_pairs=stem == "model")
-            jobs = [(f"{stem}.onnx", proto, "fp32", None)]
+            jobs = [(onnx_name(stem), proto, "fp32", None)]
             if options.int8:
-                jobs.append((f"{stem}.int8.onnx", insert_qdq(proto, qspecs[stem]), "int8", ranges[stem]))
+                jobs.append((onnx_name(stem, "int8"), insert_qdq(proto, qspecs[stem]), "int8", ranges[stem]))
             if options.fp16:
-                jobs.append((f"{stem}.fp16.onnx", to_fp16(proto), "fp16", None))
+                jobs.append((onnx_name(stem, "fp16"), to_fp16(proto), "fp16", None))
             if options.int8 and options.fp16:
-                jobs.append((f"{stem}.int8-fp16.onnx", int8_fp16(proto, qspecs[stem]), "int8", ranges[stem]))
+                jobs.append((onnx_name(stem, "int8-fp16"), int8_fp16(proto, qspecs[stem]), "int8", ranges[stem]))
             for fname, p, precision, r in jobs:
                 onnx.checker.check_model(p)
                 onnx.save(p, str(tmp / fname))
                 files[fname] = check_file(tmp / fname, m, precision, r, batches, options.threads,
-                                          ort_kernels=not fname.endswith("-fp16.onnx"), outputs=outputs)
+                                          ort_kernels=BY_FILENAME[fname].precision != "int8-fp16", outputs=outputs)
         if options.modelopt:
             files.update(modelopt_file(tmp, manifest, dense, batches, options.threads, outputs))
         for fname in files:
@@ -249,7 +227,7 @@ def export_compressed(compressed_dir, out_dir, options: ExportOptions | None = N
         failed = [f for f, s in files.items() if not s["parity"]["passed"] and "baseline" not in s]
         for fname in files if failed else ():
             (tmp / fname).unlink()
-        (tmp / "export_report.json").write_text(json.dumps(report, indent=2, default=_json_default))
+        (tmp / REPORT).write_text(json.dumps(report, indent=2, default=_json_default))
     if failed:
         p = files[failed[0]]["parity"]
         a = p.get("accuracy")
@@ -258,7 +236,7 @@ def export_compressed(compressed_dir, out_dir, options: ExportOptions | None = N
         what = (f"rel. L2 to the float model {a['file_error']:.3g}, fake-quant's {a['fake_quant_error']:.3g}" if a
                 else f"max abs {p['max_abs']:.3g}, {agree}")
         raise ParityError(f"parity failed for {', '.join(failed)} (e.g. {failed[0]}: {what}); no ONNX written, "
-                          f"see {out / 'export_report.json'}")
+                          f"see {out / REPORT}")
     return report
 
 
@@ -277,11 +255,6 @@ def modelopt_file(tmp: Path, manifest: dict, dense, batches, threads: int, outpu
 
 def int8_fp16(proto, qspecs):
     """The INT8 QDQ graph of an fp32 ``proto`` with float16 everywhere else, for TensorRT (opset >= 19)."""
-    import onnx
-
-    from .fp16 import QDQ_FP16_OPSET, fp16_gauge, graph_opset, to_fp16
-    from .qdq import insert_qdq
-
     if graph_opset(proto) < QDQ_FP16_OPSET:
         proto = onnx.version_converter.convert_version(proto, QDQ_FP16_OPSET)
     return to_fp16(insert_qdq(*fp16_gauge(proto, qspecs)))
@@ -291,13 +264,6 @@ def check_file(path: Path, model, precision: str, ranges: dict | None, batches, 
                ort_kernels: bool = True, outputs: str = "logits") -> dict:
     """Stats + parity of one written file; int8 files are compared with the fake-quant model (and,
     with ``ort_kernels``, ONNX Runtime's own int8 kernels are reported beside the graph's meaning)."""
-    import torch
-
-    from compress.quantize import apply_fake_quant_, model_outputs, remove_fake_quant_
-
-    from .parity import TOLERANCES, check_parity, cpu_int8_saturates
-    from .stats import graph_stats
-
     reference = "pytorch " + ("fake-quant int8" if ranges is not None else "fp32")
     kernels = float_out = None
     if ranges is not None:   # the INT8 gate is accuracy against the float model (export.parity.TOLERANCES)
@@ -326,18 +292,6 @@ def check_file(path: Path, model, precision: str, ranges: dict | None, batches, 
 
 
 def build_report(manifest, models, options, calib, files) -> dict:
-    import numpy as np
-    import onnx
-    import onnx_graphsurgeon
-    import onnxruntime
-    import polygraphy
-    import timm
-    import torch
-
-    from compress.lowrank import lowrank_layers
-
-    from .parity import TOLERANCES
-
     params = {k: sum(p.numel() for p in m.parameters()) for k, m in models.items()}
     return {
         "model": manifest["model"],
@@ -370,8 +324,6 @@ def _sha256(path: Path) -> str:
 
 
 def _json_default(o):
-    import numpy as np
-
     if isinstance(o, (np.floating, np.integer)):
         return o.item()
     if isinstance(o, Path):

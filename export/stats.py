@@ -1,4 +1,6 @@
-"""What an exported ONNX file holds: size, ops, initializer bytes by dtype, low-rank pairs, Q/DQ."""
+"""What an ONNX file holds: tensor bytes by dtype, ops, low-rank pairs, Q/DQ; the one place these
+facts are computed (export's report and runtime.memory's OnnxStats both read them). onnx is
+imported inside the functions: runtime's core imports this module on machines without it."""
 from __future__ import annotations
 
 import math
@@ -6,15 +8,45 @@ from collections import Counter
 from pathlib import Path
 
 
-def initializer_bytes(proto) -> dict[str, int]:
-    """Bytes of initializers by element type name (e.g. {"float32": ..., "int8": ...})."""
-    import numpy as np
-    from onnx import helper
+_FOUR_BIT = ("int4", "uint4", "float4")
 
+
+def tensor_bytes(tensor) -> tuple[str, int, int]:
+    """(dtype name, bytes, elements) of a TensorProto from its dims, wherever its data lives."""
+    import numpy as np
+    import onnx
+
+    count = math.prod(tensor.dims)
+    if tensor.data_type == onnx.TensorProto.STRING:
+        return "string", sum(len(s) for s in tensor.string_data), count
+    dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type))
+    if dtype.name.startswith(_FOUR_BIT):
+        return dtype.name, (count + 1) // 2, count
+    return dtype.name, count * dtype.itemsize, count
+
+
+def graph_tensors(graph):
+    """Initializers and Constant-node tensors of ``graph`` and of its subgraphs (If/Loop bodies)."""
+    import onnx
+
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if node.op_type == "Constant" and attr.type == onnx.AttributeProto.TENSOR:
+                yield attr.t
+            elif attr.type == onnx.AttributeProto.GRAPH:
+                yield from graph_tensors(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for g in attr.graphs:
+                    yield from graph_tensors(g)
+
+
+def initializer_bytes(proto) -> dict[str, int]:
+    """Bytes of the graph's initializers by element type name (e.g. {"float32": ..., "int8": ...})."""
     out: Counter = Counter()
     for init in proto.graph.initializer:
-        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(init.data_type))
-        out[dtype.name] += dtype.itemsize * math.prod(init.dims)
+        dtype, nbytes, _ = tensor_bytes(init)
+        out[dtype] += nbytes
     return dict(sorted(out.items()))
 
 

@@ -3,9 +3,10 @@
 bench   latency and memory of an export directory's variants, interleaved (bench.json/.md/.png)
 engine  build TensorRT engines from an export directory (runtime.engine)
 eval    accuracy of the compressed model and its ONNX files (runtime.evaluate)
-report  one report.md for a run directory: compress + export + bench + eval (runtime.summary)
-sweep   many budgets from one calibration pass: accuracy vs parameters/bytes/latency (runtime.sweep)
-fit     search the budget that meets a target latency or INT8 file size (runtime.fit)
+report  one report.md for a run directory: compress + export + bench + eval (runtime.workflows.report)
+sweep   many budgets from one factorisation: accuracy vs parameters/bytes/latency (runtime.workflows.sweep)
+fit     search the budget that meets a target latency or INT8 file size (runtime.workflows.fit)
+study   every compress step on/off at equal budgets on real labelled images (runtime.workflows.study)
 profile where the time goes per variant: Linears vs attention vs the rest (runtime.profile)
 memory-options  what a session's RSS is made of per ORT option set (runtime.memory_options)
 latency-table  per-layer dense/pair latencies on this backend, cached for compress (runtime.latency_table)
@@ -23,18 +24,18 @@ import json
 import logging
 import sys
 
-from cliutil import OneLineParser, reserve_output, run_cli
+from cliutil import OneLineParser, option_value, reserve_output, run_cli
 from runtime.errors import RuntimeStageError
 
 # Subcommands that live in their own module (imported only when run): name -> (module, help).
 DELEGATED = {
     "engine": ("runtime.engine", "build TensorRT engines from an export directory"),
     "eval": ("runtime.evaluate", "accuracy of the compressed model and its ONNX files"),
-    "report": ("runtime.summary", "one report.md for a run directory (compress, export, bench, eval)"),
-    "sweep": ("runtime.sweep", "many budgets, one calibration pass: the accuracy/size/latency Pareto curve"),
-    "fit": ("runtime.fit", "the least compression that meets a target latency or INT8 file size"),
+    "report": ("runtime.workflows.report", "one report.md for a run directory (compress, export, bench, eval)"),
+    "sweep": ("runtime.workflows.sweep", "many budgets, one factorisation: the accuracy/size/latency Pareto curve"),
+    "fit": ("runtime.workflows.fit", "the least compression that meets a target latency or INT8 file size"),
     "profile": ("runtime.profile", "ONNX Runtime per-node profile: time in Linears vs attention vs the rest"),
-    "study": ("runtime.study", "methods x allocations x compensation at equal budgets, on real labelled images"),
+    "study": ("runtime.workflows.study", "methods x allocations x compensation at equal budgets, on real labelled images"),
     "latency-table": ("runtime.latency_table", "per-layer dense vs low-rank pair latency table for compress "
                                                "(--latency-table / --target-latency-ms)"),
     "memory-options": ("runtime.memory_options", "peak-RSS delta by part (weights, load, run) per ONNX Runtime "
@@ -58,21 +59,6 @@ def _int_list(text: str) -> tuple[int, ...]:
     return values
 
 
-def _option(text: str) -> tuple[str, object]:
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    lowered = value.lower()
-    if lowered in ("true", "false"):
-        return key, lowered == "true"
-    for cast in (int, float):
-        try:
-            return key, cast(value)
-        except ValueError:
-            pass
-    return key, value
-
-
 def _add_bench(sub) -> None:
     p = sub.add_parser("bench", help="latency/memory of dense vs low-rank variants, interleaved",
                        description="Benchmark the variants of an export directory (dense.onnx, dense.int8.onnx, "
@@ -92,7 +78,7 @@ def _add_bench(sub) -> None:
     p.add_argument("--io-binding", action="store_true", help="onnxruntime: run through IO binding")
     p.add_argument("--no-spin", action="store_true",
                    help="onnxruntime: idle threads sleep instead of spinning (fairer on a machine busy with other jobs)")
-    p.add_argument("--option", type=_option, action="append", default=[], metavar="KEY=VALUE",
+    p.add_argument("--option", type=option_value, action="append", default=[], metavar="KEY=VALUE",
                    help="extra backend option passed to open_backend (repeatable)")
     p.add_argument("--warmup", type=int, default=5, help="untimed runs per variant and batch size (default: 5)")
     p.add_argument("--repeats", type=int, default=30, help="timed runs per variant and batch size (default: 30)")

@@ -21,6 +21,7 @@ from typing import Iterator
 
 import numpy as np
 
+from export import FILES, ExportFile
 from runtime.backends import open_backend
 from runtime.errors import RuntimeStageError
 
@@ -31,34 +32,8 @@ GPU_KINDS = frozenset({"ort-cuda", "trt"})
 REFERENCES = ("dense-fp32", "dense-int8")
 
 
-@dataclass(frozen=True)
-class Variant:
-    """One file of the export stage's output directory."""
-
-    name: str
-    filename: str
-    family: str      # "dense" or "lowrank"
-    precision: str   # "fp32", "int8", "fp16"
-    backends: frozenset[str] | None = None   # measured by default only there (None: on every backend)
-
-
-# *.int8-fp16.onnx (INT8 GEMMs, FP16 elsewhere) is the TensorRT file: ONNX Runtime's CPU provider
-# has no fused int8 kernels for float16 Q/DQ and runs it as float ops (docs/tensorrt.md).
-TENSORRT_ONLY = frozenset({"trt"})
-
-# The export stage's file names (export/: dense*.onnx is the uncompressed model, model*.onnx the
-# low-rank one, dense.modelopt-int8.onnx NVIDIA ModelOpt's INT8 of dense.onnx: the peer baseline).
-VARIANTS = (
-    Variant("dense-fp32", "dense.onnx", "dense", "fp32"),
-    Variant("dense-int8", "dense.int8.onnx", "dense", "int8"),
-    Variant("dense-int8-fp16", "dense.int8-fp16.onnx", "dense", "int8", TENSORRT_ONLY),
-    Variant("dense-modelopt-int8", "dense.modelopt-int8.onnx", "dense", "int8"),
-    Variant("dense-fp16", "dense.fp16.onnx", "dense", "fp16"),
-    Variant("lowrank-fp32", "model.onnx", "lowrank", "fp32"),
-    Variant("lowrank-int8", "model.int8.onnx", "lowrank", "int8"),
-    Variant("lowrank-int8-fp16", "model.int8-fp16.onnx", "lowrank", "int8", TENSORRT_ONLY),
-    Variant("lowrank-fp16", "model.fp16.onnx", "lowrank", "fp16"),
-)
+# The export files benchmarked (export.files), in its table order.
+BENCH_FILES = FILES
 
 
 @dataclass(frozen=True)
@@ -71,7 +46,7 @@ class BenchConfig:
     repeats: int = 30
     options: dict = field(default_factory=dict)   # passed to open_backend
     include_fp16: bool | None = None              # None: only on GPU backends
-    variants: tuple[str, ...] | None = None       # subset of VARIANTS names; None: all found
+    variants: tuple[str, ...] | None = None       # subset of BENCH_FILES names; None: all found
     memory: bool = True                           # fresh-process RSS per variant
     seed: int = 0
     engine_dir: str | None = None                 # TensorRT: prebuilt <stem>.engine files instead of .onnx
@@ -81,7 +56,7 @@ class BenchConfig:
             raise RuntimeStageError(f"batch sizes must be positive integers, got {self.batch_sizes}")
         if self.warmup < 0 or self.repeats < 1:
             raise RuntimeStageError(f"need warmup >= 0 and repeats >= 1, got {self.warmup} and {self.repeats}")
-        known = {v.name for v in VARIANTS}
+        known = {v.name for v in BENCH_FILES}
         unknown = set(self.variants or ()) - known
         if unknown:
             raise RuntimeStageError(f"unknown variants {sorted(unknown)}; choose from {', '.join(sorted(known))}")
@@ -91,12 +66,12 @@ class BenchConfig:
         return self.backend in GPU_KINDS if self.include_fp16 is None else self.include_fp16
 
 
-def model_file(v: Variant, engine: bool) -> str:
+def model_file(v: ExportFile, engine: bool) -> str:
     """The variant's file: its ONNX name, or for an engine directory 'dense.fp16.onnx' -> 'dense.fp16.engine'."""
-    return v.filename[:-len(".onnx")] + ".engine" if engine else v.filename
+    return v.engine if engine else v.filename
 
 
-def find_variants(onnx_dir, config: BenchConfig) -> list[tuple[Variant, Path]]:
+def find_variants(onnx_dir, config: BenchConfig) -> list[tuple[ExportFile, Path]]:
     """The variants present in ``onnx_dir`` (or ``config.engine_dir``) that this configuration
     measures, in table order."""
     model_dir = Path(config.engine_dir if config.engine_dir is not None else onnx_dir)
@@ -104,7 +79,7 @@ def find_variants(onnx_dir, config: BenchConfig) -> list[tuple[Variant, Path]]:
         raise RuntimeStageError(f"no such {'engine' if config.engine_dir else 'export'} directory: {model_dir}")
     engine = config.engine_dir is not None
     found = []
-    for v in VARIANTS:
+    for v in BENCH_FILES:
         if config.variants is not None and v.name not in config.variants:
             continue
         if config.variants is None and ((v.precision == "fp16" and not config.fp16)
@@ -116,7 +91,7 @@ def find_variants(onnx_dir, config: BenchConfig) -> list[tuple[Variant, Path]]:
         elif config.variants is not None:
             raise RuntimeStageError(f"variant {v.name} asked for but {path} is missing")
     if not found:
-        names = ", ".join(model_file(v, engine) for v in VARIANTS)
+        names = ", ".join(model_file(v, engine) for v in BENCH_FILES)
         hint = "python -m runtime engine" if engine else "python -m export"
         raise RuntimeStageError(f"{model_dir} holds none of {names}; run `{hint}` first")
     return found
@@ -129,7 +104,7 @@ def left_out(onnx_dir, config: BenchConfig) -> dict[str, str]:
     engine = config.engine_dir is not None
     model_dir = Path(config.engine_dir if engine else onnx_dir)
     out = {}
-    for v in VARIANTS:
+    for v in BENCH_FILES:
         if not (model_dir / model_file(v, engine)).is_file():
             continue
         if v.precision == "fp16" and not config.fp16:

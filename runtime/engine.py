@@ -41,26 +41,28 @@ import logging
 import sys
 from pathlib import Path
 
-from runtime.backends.trt import DEFAULT_OPT_BATCHES
+from cliutil import write_json
+from export import STEMS
+from export import engine_name as export_engine_name
+from export import onnx_name as export_onnx_name
+from runtime.backends.trt_build import (DEFAULT_OPT_BATCHES, TensorRTUnavailable, build_engine, require_cuda,
+                                       require_tensorrt)
 from runtime.errors import RuntimeStageError
 
 log = logging.getLogger(__name__)
 
 EXIT_NO_TENSORRT = 3
-VARIANTS = ("dense", "model")   # dense baseline, low-rank model
+# The export file TensorRT builds for each engine precision (int8: the QDQ graph with FP16 elsewhere).
+SOURCE_PRECISION = {"fp32": "fp32", "fp16": "fp16", "int8": "int8-fp16"}
 
 
-# The export stage's file TensorRT builds for each precision.
-ONNX_SUFFIX = {"fp32": ".onnx", "fp16": ".fp16.onnx", "int8": ".int8-fp16.onnx"}
+def onnx_name(stem: str, precision: str) -> str:
+    return export_onnx_name(stem, SOURCE_PRECISION[precision])
 
 
-def onnx_name(variant: str, precision: str) -> str:
-    return variant + ONNX_SUFFIX[precision]
-
-
-def engine_name(variant: str, precision: str) -> str:
+def engine_name(stem: str, precision: str) -> str:
     """``dense.int8.engine`` ...: what ``runtime bench --engine-dir`` looks up for the variant."""
-    return f"{variant}.engine" if precision == "fp32" else f"{variant}.{precision}.engine"
+    return export_engine_name(stem, precision)
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -91,9 +93,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _inputs(args) -> dict[str, Path]:
     if not args.onnx_dir.is_dir():
         raise RuntimeStageError(f"no ONNX directory {args.onnx_dir} (run `make export` first)")
-    files = {v: args.onnx_dir / onnx_name(v, args.precision) for v in VARIANTS}
-    missing = [f.name for f in files.values() if not f.is_file()]
-    if missing and args.precision == "int8" and all((args.onnx_dir / f"{v}.int8.onnx").is_file() for v in VARIANTS):
+    paths = {v: args.onnx_dir / onnx_name(v, args.precision) for v in STEMS}
+    missing = [f.name for f in paths.values() if not f.is_file()]
+    if missing and args.precision == "int8" and all((args.onnx_dir / export_onnx_name(v, "int8")).is_file()
+                                                    for v in STEMS):
         raise RuntimeStageError(f"{args.onnx_dir} has no {', '.join(missing)}, the TensorRT INT8 files (FP16 "
                                 f"outside the INT8 GEMMs); its *.int8.onnx keep FP32 there: re-run export "
                                 f"with int8 and fp16 on")
@@ -104,7 +107,7 @@ def _inputs(args) -> dict[str, Path]:
                                 f"{args.min_batch}/{','.join(map(str, args.opt_batches))}/{args.max_batch}")
     if args.workspace_mb <= 0:
         raise RuntimeStageError(f"--workspace-mb must be positive, got {args.workspace_mb}")
-    return files
+    return paths
 
 
 def machine(trt, cuda) -> dict:
@@ -120,8 +123,6 @@ def _ratio(a, b):
 
 def build_all(args, files: dict[str, Path]) -> dict:
     """Build one engine per variant; return the report (nothing in it is estimated)."""
-    from runtime.backends.trt import build_engine, require_cuda, require_tensorrt
-    from runtime.report import atomic_write_bytes as write_atomic
     trt = require_tensorrt()
     cuda = require_cuda()
     cache = args.timing_cache or args.out / "timing.cache"
@@ -147,7 +148,7 @@ def build_all(args, files: dict[str, Path]) -> dict:
             key: _ratio(model.get(key), dense.get(key))
             for key in ("engine_bytes", "weight_bytes", "device_memory_bytes")},
     }
-    write_atomic(args.out / "engine_report.json", (json.dumps(report, indent=2) + "\n").encode())
+    write_json(args.out / "engine_report.json", report)
     return report
 
 
@@ -164,7 +165,6 @@ def format_table(report: dict) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
-    from runtime.backends.trt import TensorRTUnavailable
     try:
         files = _inputs(args)
         report = build_all(args, files)

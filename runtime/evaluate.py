@@ -10,10 +10,10 @@ through a runtime backend. Images are decoded once and fed to every variant batc
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import hashlib
 import json
 import logging
-import math
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,12 +21,20 @@ from typing import Callable
 
 import numpy as np
 import torch
+from tqdm import tqdm
+
+from calibration_data import IMAGENET_WNIDS, cifar10_test_set, default_evaluation_for, load_image_set, make_loader
+import compress
+from compress import apply_fake_quant_, fingerprint, has_head, load_dense, num_classes
+from export import FILES
+from cliutil import write_json
+from runtime.backends import open_backend
+from runtime.errors import RuntimeStageError
 
 log = logging.getLogger(__name__)
 
 Variant = Callable[[torch.Tensor], np.ndarray]
-ONNX_ORDER = ("dense.onnx", "dense.fp16.onnx", "dense.int8.onnx", "dense.modelopt-int8.onnx",
-              "model.onnx", "model.fp16.onnx", "model.int8.onnx")
+ONNX_ORDER = tuple(f.filename for f in FILES if f.precision != "int8-fp16")   # what --onnx-dir evaluates
 
 
 @dataclass(frozen=True)
@@ -80,8 +88,6 @@ def evaluate(variants: dict[str, Variant], loader, reference: str | None = None,
              progress: bool = True, features: bool = False) -> dict[str, Scores]:
     """Run every variant on every batch; score against labels and the reference variant (headless
     ``features``: against the reference only, labels unused)."""
-    from tqdm import tqdm
-
     outs: dict[str, list[np.ndarray]] = {k: [] for k in variants}
     secs = dict.fromkeys(variants, 0.0)
     labels = []
@@ -115,8 +121,6 @@ def backend_variant(backend) -> Variant:
 def resolve_data(spec: str | None, model_name, num: int | None = None, seed: int = 0):
     """The evaluation ImageSet: a folder, a bundled set name, 'cifar10-test', or the default of the
     model (a model, or a timm name)."""
-    from calibration_data import cifar10_test_set, default_evaluation_for, load_image_set
-
     spec = spec or default_evaluation_for(model_name)
     if spec in ("cifar10-test", "cifar10:test"):
         return cifar10_test_set(num=num, seed=seed)
@@ -128,9 +132,6 @@ def resolve_data(spec: str | None, model_name, num: int | None = None, seed: int
 def model_class_names(model: torch.nn.Module) -> tuple[str, ...] | None:
     """The model's class names in output order: its pretrained_cfg's label_names, ImageNet's
     WordNet ids for a 1000-class model, else None (only the count is known)."""
-    from calibration_data.images import IMAGENET_WNIDS
-    from compress.models import num_classes
-
     n = num_classes(model)
     names = tuple((getattr(model, "pretrained_cfg", None) or {}).get("label_names") or ())
     if names and len(names) == n:
@@ -144,15 +145,9 @@ def match_classes(images, model: torch.nn.Module, what: str = "--data"):
     """``images`` with labels in the model's class order; refuses (RuntimeStageError) unlabelled
     images, class folders the model does not have, and a class count that differs from the
     model's when its class names are unknown. Scoring such a set would give silent wrong numbers."""
-    import dataclasses
-
-    from runtime.errors import RuntimeStageError
-
     if not images.labelled:
         raise RuntimeStageError(f"{what} {images.root} is unlabelled (a flat folder); evaluation needs one "
                                 "subfolder per class, ImageNet <wnid>_*.JPEG names, or cifar10-test")
-    from compress.models import num_classes
-
     n = num_classes(model)
     names = model_class_names(model)
     if names is None:
@@ -176,11 +171,6 @@ def match_classes(images, model: torch.nn.Module, what: str = "--data"):
 def check_onnx_origin(onnx_file: Path, compressed: Path, expected: str | None = None) -> None:
     """The ONNX file must come from ``compressed``: export_report.json beside it records the
     compressed model's fingerprint and every file's sha256 (export.pipeline)."""
-    import hashlib
-
-    from compress.artifact import fingerprint
-    from runtime.errors import RuntimeStageError
-
     onnx_file = Path(onnx_file)
     report_path = onnx_file.parent / "export_report.json"
     try:
@@ -222,20 +212,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, help="write the JSON result here")
 
 
-def dense_model(manifest: dict) -> torch.nn.Module:
-    """The dense original of a compressed model, rebuilt from its manifest.
-
-    A random-init model is rebuilt with the seed compress used (it seeds torch right before
-    building the model), so "dense" is the network that was compressed, like export's dense.onnx.
-    """
-    from compress.models import load_from_spec
-
-    return load_from_spec(manifest["model"], (manifest.get("config") or {}).get("seed"))
-
-
 def _onnx_files(args) -> list[Path]:
-    from runtime.errors import RuntimeStageError
-
     for f in args.onnx:
         if not Path(f).is_file():
             raise RuntimeStageError(f"--onnx {f} is not a file")
@@ -252,8 +229,6 @@ def _onnx_files(args) -> list[Path]:
 
 
 def _check_args(args) -> None:
-    from runtime.errors import RuntimeStageError
-
     if args.batch_size < 1:
         raise RuntimeStageError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.num is not None and args.num < 1:
@@ -262,20 +237,16 @@ def _check_args(args) -> None:
 
 def _variants(args):
     """Build the variants asked for: (variants, model name, info, backends to close, dense model)."""
-    import compress
-
     variants: dict[str, Variant] = {}
     closers = []
     if args.compressed:
         model, manifest = compress.load_compressed(args.compressed)
         spec = manifest["model"]
-        dense = dense_model(manifest)
+        dense = load_dense(manifest)
         variants["dense"] = torch_variant(dense)
         variants["compressed"] = torch_variant(model)
         act_ranges = manifest.get("quant", {}).get("act_ranges")
         if act_ranges and not args.no_fake_quant:
-            from compress.quantize import apply_fake_quant_
-
             fq, _ = compress.load_compressed(args.compressed)
             apply_fake_quant_(fq, act_ranges)
             variants["compressed-int8-fakequant"] = torch_variant(fq)
@@ -288,14 +259,10 @@ def _variants(args):
         raise compress.CompressError("nothing to evaluate: pass --compressed DIR or --model NAME")
     onnx_files = _onnx_files(args)
     if args.compressed:
-        from compress.artifact import fingerprint
-
         expected = info["fingerprint"] = fingerprint(args.compressed)
         for f in onnx_files:
             check_onnx_origin(f, args.compressed, expected)
     if onnx_files:
-        from runtime.backends import open_backend
-
         for f in onnx_files:
             backend = open_backend(args.backend, f)
             closers.append(backend)
@@ -305,11 +272,7 @@ def _variants(args):
 
 
 def main(args: argparse.Namespace) -> int:
-    from calibration_data import make_loader
-
     _check_args(args)
-    from compress.models import has_head
-
     variants, name, info, closers, dense = _variants(args)
     try:
         features = not has_head(dense)   # headless: feature agreement with the dense model, no labels
@@ -350,22 +313,3 @@ def format_table(scores: dict[str, Scores]) -> str:
         kl = "-" if s.kl is None else f"{s.kl:.5f}"
         rows.append(f"| {k} | {s.n} | {pct(s.top1)} | {pct(s.top5)} | {pct(s.agreement)} | {cos} | {kl} |")
     return "\n".join(rows)
-
-
-def write_json(path: Path, data: dict) -> None:
-    """Atomic JSON write (tmp file + rename) so a crash never leaves half a result."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=_jsonable) + "\n")
-    os.replace(tmp, path)
-
-
-def _jsonable(v):
-    if isinstance(v, float) and math.isnan(v):
-        return None
-    if isinstance(v, (np.floating, np.integer)):
-        return v.item()
-    if isinstance(v, Path):
-        return str(v)
-    raise TypeError(f"not JSON serialisable: {type(v).__name__}")

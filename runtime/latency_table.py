@@ -43,7 +43,7 @@ def layer_shapes(model, include_head: bool = False) -> dict[str, tuple[int, int,
     import timm.data
     import torch
 
-    from compress.models import compressible_layers
+    from compress import compressible_layers
 
     layers = compressible_layers(model, include_head)
     rows: dict[str, int] = {}
@@ -77,7 +77,7 @@ def layer_graph(m: int, n: int, rows: int, width: int | None, precision: str, se
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    from export.qdq import QuantizedLinear, insert_qdq
+    from export import QuantizedLinear, insert_qdq
 
     rng = np.random.default_rng(seed)
     shapes = [(n, m)] if width is None else [(n, width), (width, m)]
@@ -132,10 +132,10 @@ def _time_group(paths: dict, backend_kind: str, options: dict, batch: int, rows:
 
 def measure_layers(shapes: set[tuple[int, int, int]], backend: str, options: dict, batches, precisions,
                    step: int, warmup: int, repeats: int, seed: int = 0, progress=None) -> list:
-    """LayerTiming entries for every shape x precision x batch (see the module docstring)."""
+    """latency.LayerTiming entries for every shape x precision x batch (see the module docstring)."""
     import onnx
 
-    from compress.latency import LayerTiming
+    from compress import latency
 
     out = []
     with tempfile.TemporaryDirectory(prefix="latency-table-") as tmp:
@@ -149,7 +149,7 @@ def measure_layers(shapes: set[tuple[int, int, int]], backend: str, options: dic
                     paths[k] = p
                 for b in batches:
                     ms = _time_group(paths, backend, options, b, rows, n, warmup, repeats, seed)
-                    out.append(LayerTiming(m, n, rows, precision, b, ms[None], tuple(widths),
+                    out.append(latency.LayerTiming(m, n, rows, precision, b, ms[None], tuple(widths),
                                            tuple(ms[k] for k in widths)))
                     if progress is not None:
                         progress.update(1)
@@ -161,10 +161,10 @@ def dense_model_graphs(model, precisions) -> dict[str, object]:
     quantized for int8; the ranges are placeholders: latency does not depend on them)."""
     import timm.data
 
-    from export.linears import canonicalize_linears, linear_weights
-    from export.onnx_export import export_onnx
-    from export.pipeline import quantized_linears
-    from export.qdq import insert_qdq
+    from export import canonicalize_linears, linear_weights
+    from export import export_onnx
+    from export import quantized_linears
+    from export import insert_qdq
 
     size = tuple(timm.data.resolve_data_config({}, model=model)["input_size"])
     lin = linear_weights(model)
@@ -180,7 +180,7 @@ def measure_rest(model, layer_shapes_: dict, timings: list, backend: str, option
     """(rest_ms, dense_model_ms) keyed "precision@batch": the dense model timed whole, minus its Linears."""
     import onnx
 
-    from compress.latency import rest_key
+    from compress import latency
     from runtime.backends import open_backend
     from runtime.benchmark import interleaved_schedule
 
@@ -204,12 +204,12 @@ def measure_rest(model, layer_shapes_: dict, timings: list, backend: str, option
                 for p in backends:
                     ms = float(np.median(times[p])) * 1e3
                     layers = sum(index[(m, n, rows, p, b)].dense_ms for m, n, rows in layer_shapes_.values())
-                    whole[rest_key(p, b)] = ms
+                    whole[latency.rest_key(p, b)] = ms
                     if ms < layers:
                         log.warning("%s at batch %d: the Linears timed alone (%.2f ms) exceed the whole model "
                                     "(%.2f ms): too noisy, rest set to 0; measure on a quieter machine",
                                     p, b, layers, ms)
-                    rest[rest_key(p, b)] = max(ms - layers, 0.0)
+                    rest[latency.rest_key(p, b)] = max(ms - layers, 0.0)
         finally:
             for be in backends.values():
                 be.close()
@@ -222,7 +222,7 @@ def measure_table(model_name: str, model, backend: str = "ort", threads: int | N
                   options: dict | None = None):
     from tqdm import tqdm
 
-    from compress.latency import LatencyTable, library_versions, machine_identity
+    from compress import latency
     from runtime.backends import thread_options
 
     options = {**thread_options(backend, threads), **(options or {})}
@@ -235,19 +235,19 @@ def measure_table(model_name: str, model, backend: str = "ort", threads: int | N
     if whole_model:
         rest, whole = measure_rest(model, shapes, timings, backend, options, batches, precisions,
                                    warmup, max(5, repeats // 2))
-    return LatencyTable(model=model_name, backend=backend, threads=threads, machine=machine_identity(backend),
-                        versions=library_versions(), layers=tuple(timings), rest_ms=rest, dense_model_ms=whole,
+    return latency.LatencyTable(model=model_name, backend=backend, threads=threads, machine=latency.machine_identity(backend),
+                        versions=latency.library_versions(), layers=tuple(timings), rest_ms=rest, dense_model_ms=whole,
                         repeats=repeats, options=dict(options),
                         measured=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
 
 
 def format_markdown(table) -> str:
     """Per shape, precision and batch: dense ms, the widest width still faster as a pair, pair/dense ratios."""
-    from compress.latency import simd_flags
+    from compress import latency
 
     mach = table.machine
     lines = [f"Latency table of `{table.model}` on {table.backend} ({table.threads or 'default'} threads), "
-             f"{mach.get('cpu')} [{' '.join(simd_flags(mach.get('cpu_flags', [])))}]"
+             f"{mach.get('cpu')} [{' '.join(latency.simd_flags(mach.get('cpu_flags', [])))}]"
              + (f", {', '.join(mach['gpus'])}" if mach.get("gpus") else "")
              + f"; medians of {table.repeats} interleaved runs.", "",
              "| layer (out x in, rows) | precision | batch | dense ms | break-even width | pair/dense at 1/4, 1/2 of it |",
@@ -267,8 +267,8 @@ def format_markdown(table) -> str:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from compress.__main__ import add_weights_arguments
-    from compress.options import add_model_options
+    from compress import add_weights_arguments
+    from compress import add_model_options
 
     g = p.add_argument_group("model")
     add_weights_arguments(g)
@@ -292,9 +292,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from compress.latency import PRECISIONS, default_table_path, load_table
-    from compress.models import load_model
-    from compress.options import model_options
+    from compress import latency
+    from compress import load_model
+    from compress import model_options
 
     try:
         batches = tuple(int(b) for b in args.batch_sizes.split(",") if b.strip())
@@ -303,16 +303,16 @@ def main(args: argparse.Namespace) -> int:
     precisions = tuple(p for p in args.precisions.split(",") if p)
     if not batches or min(batches) < 1 or args.width_step < 1 or args.repeats < 1 or args.warmup < 0:
         raise RuntimeStageError("--batch-sizes, --width-step and --repeats must be >= 1, --warmup >= 0")
-    if not precisions or set(precisions) - set(PRECISIONS):
-        raise RuntimeStageError(f"--precisions must be a subset of {','.join(PRECISIONS)}, got {args.precisions!r}")
+    if not precisions or set(precisions) - set(latency.PRECISIONS):
+        raise RuntimeStageError(f"--precisions must be a subset of {','.join(latency.PRECISIONS)}, got {args.precisions!r}")
     from runtime.backends import available_backends
 
     reason = available_backends().get(args.backend, f"unknown backend {args.backend!r}")
     if reason:
         raise RuntimeStageError(f"backend {args.backend} cannot run here: {reason}")
-    out = args.out or default_table_path(args.model, args.backend, args.threads)
+    out = args.out or latency.default_table_path(args.model, args.backend, args.threads)
     if args.out is None and out.is_file() and not args.force:
-        table = load_table(out, args.model, args.backend)
+        table = latency.load_table(out, args.model, args.backend)
         print(format_markdown(table))
         print(f"reused the cached table {out} (--force measures it again)")
         return 0

@@ -13,7 +13,7 @@ import subprocess
 from importlib import metadata
 from pathlib import Path
 
-from export.parity import cpu_int8_saturates
+from export import cpu_int8_saturates
 
 log = logging.getLogger(__name__)
 

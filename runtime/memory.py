@@ -21,13 +21,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from export import graph_tensors, initializer_bytes, tensor_bytes
 from runtime.errors import RuntimeStageError
 
 log = logging.getLogger(__name__)
 
 QUANT_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearMatMul",
                        "QLinearConv", "MatMulInteger", "ConvInteger", "MatMulNBits"})
-_FOUR_BIT = ("int4", "uint4", "float4")
 
 
 @dataclass(frozen=True)
@@ -53,45 +53,6 @@ class OnnxStats:
         return out
 
 
-def _dtype_name(data_type: int) -> str:
-    import onnx
-
-    return onnx.helper.tensor_dtype_to_np_dtype(data_type).name
-
-
-def _tensor_bytes(tensor) -> tuple[str, int, int]:
-    """(dtype name, bytes, elements) of a TensorProto from its dims, wherever its data lives."""
-    import onnx
-
-    count = 1
-    for d in tensor.dims:
-        count *= d
-    if tensor.data_type == onnx.TensorProto.STRING:
-        return "string", sum(len(s) for s in tensor.string_data), count
-    name = _dtype_name(tensor.data_type)
-    if name.startswith(_FOUR_BIT):
-        return name, (count + 1) // 2, count
-    import numpy as np
-
-    return name, count * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize, count
-
-
-def _graph_tensors(graph):
-    """Initializers and Constant-node tensors of ``graph`` and of its subgraphs (If/Loop bodies)."""
-    import onnx
-
-    yield from graph.initializer
-    for node in graph.node:
-        for attr in node.attribute:
-            if node.op_type == "Constant" and attr.type == onnx.AttributeProto.TENSOR:
-                yield attr.t
-            elif attr.type == onnx.AttributeProto.GRAPH:
-                yield from _graph_tensors(attr.g)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for g in attr.graphs:
-                    yield from _graph_tensors(g)
-
-
 def _external_files(model_dir: Path, tensors) -> set[Path]:
     files = set()
     for t in tensors:
@@ -112,17 +73,13 @@ def inspect_onnx(path) -> OnnxStats:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # protobuf DecodeError and friends: a user error, not a crash
         raise RuntimeStageError(f"{path} is not a readable ONNX file ({type(exc).__name__})") from None
-    tensors = list(_graph_tensors(model.graph))
+    tensors = list(graph_tensors(model.graph))
     weight_bytes: dict[str, int] = {}
     count = 0
     for t in tensors:
-        dtype, nbytes, n = _tensor_bytes(t)
+        dtype, nbytes, n = tensor_bytes(t)
         weight_bytes[dtype] = weight_bytes.get(dtype, 0) + nbytes
         count += n
-    init_bytes: dict[str, int] = {}
-    for t in model.graph.initializer:
-        dtype, nbytes, _ = _tensor_bytes(t)
-        init_bytes[dtype] = init_bytes.get(dtype, 0) + nbytes
     external = _external_files(path.parent, tensors)
     missing = [p for p in external if not p.is_file()]
     if missing:
@@ -137,7 +94,7 @@ def inspect_onnx(path) -> OnnxStats:
         precision = "fp16"
     else:
         precision = "fp32"
-    return OnnxStats(path, file_bytes, weight_bytes, count, precision, ops, dict(sorted(init_bytes.items())))
+    return OnnxStats(path, file_bytes, weight_bytes, count, precision, ops, initializer_bytes(model))
 
 
 # ---- process memory ---------------------------------------------------------------------

@@ -37,11 +37,11 @@ OPTION_SETS = {
 def study(onnx_dir, names: list[str], threads: int | None = 2, batch_sizes=(1,), sets=tuple(OPTION_SETS),
           warmup: int = 3, repeats: int = 20) -> dict:
     from runtime.backends import open_backend, thread_options
-    from runtime.benchmark import VARIANTS, interleaved_schedule
+    from runtime.benchmark import BENCH_FILES, interleaved_schedule
     from runtime.memory import inspect_onnx, measure_in_subprocess
 
     onnx_dir = Path(onnx_dir)
-    variants = [v for v in VARIANTS if v.name in names and (onnx_dir / v.filename).is_file()]
+    variants = [v for v in BENCH_FILES if v.name in names and (onnx_dir / v.filename).is_file()]
     if not variants:
         raise RuntimeStageError(f"none of {', '.join(names)} in {onnx_dir}; run `python -m export` first")
     base = thread_options("ort", threads)

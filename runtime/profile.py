@@ -26,9 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.benchmark import VARIANTS
+from runtime.benchmark import BENCH_FILES
 from runtime.errors import RuntimeStageError
-from runtime.report import atomic_write_bytes
+from cliutil import atomic_write_bytes, write_json
 
 LAYER = re.compile(r"(?:^|[./_:])(attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2|head)(?=$|[./_:])")
 KINDS = ("linear", "attention", "other")
@@ -68,7 +68,7 @@ def profile_dir(onnx_dir, names: list[str] | None = None, threads: int = 1, batc
     import onnxruntime as ort
 
     onnx_dir = Path(onnx_dir)
-    variants = [v for v in VARIANTS if (onnx_dir / v.filename).is_file() and (not names or v.name in names)]
+    variants = [v for v in BENCH_FILES if (onnx_dir / v.filename).is_file() and (not names or v.name in names)]
     if not variants:
         raise RuntimeStageError(f"no ONNX variants to profile in {onnx_dir}; run `python -m export` first")
     sessions = {}
@@ -161,7 +161,7 @@ def main(args: argparse.Namespace) -> int:
         raise RuntimeStageError("--repeats, --threads and --batch-size must be >= 1, --warmup >= 0")
     names = [n for n in (args.variants or "").split(",") if n]
     doc = profile_dir(args.onnx_dir, names, args.threads, args.batch_size, args.warmup, args.repeats)
-    atomic_write_bytes(args.out / "profile.json", (json.dumps(doc, indent=2) + "\n").encode())
+    write_json(args.out / "profile.json", doc)
     md = format_markdown(doc)
     atomic_write_bytes(args.out / "profile.md", md.encode())
     print(md)

@@ -1,43 +1,16 @@
 """Write a benchmark result as bench.json, bench.md (tables) and bench.png (bar charts).
 
-Every file is written to a temporary name beside its target and moved into place with
-os.replace, so an interrupted run never leaves a half-written report.
+Every file is written atomically (cliutil: a temporary name beside its target, then os.replace),
+so an interrupted run never leaves a half-written report.
 """
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from pathlib import Path
 
+from cliutil import atomic_write_bytes, atomic_write_text, figure_png, write_json
 from runtime.machine import describe_machine
 
 MB = 1e6
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)  # mkstemp's 0600 would make reports unreadable to other users
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def figure_png(fig, dpi: int = 110) -> bytes:
-    """Render a matplotlib figure to PNG bytes and close it (write them with atomic_write_bytes)."""
-    import io
-
-    import matplotlib.pyplot as plt
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi)
-    plt.close(fig)
-    return buf.getvalue()
 
 
 def _fmt(x, spec=".2f", none="-"):
@@ -189,7 +162,7 @@ def write_outputs(result: dict, out_dir) -> dict[str, Path]:
     """Write bench.json, bench.md and bench.png into ``out_dir``; returns their paths."""
     out_dir = Path(out_dir)
     paths = {"json": out_dir / "bench.json", "md": out_dir / "bench.md", "png": out_dir / "bench.png"}
-    atomic_write_bytes(paths["json"], (json.dumps(result, indent=2) + "\n").encode())
-    atomic_write_bytes(paths["md"], render_markdown(result).encode())
+    write_json(paths["json"], result)
+    atomic_write_text(paths["md"], render_markdown(result))
     atomic_write_bytes(paths["png"], plot(result))
     return paths

@@ -36,12 +36,15 @@ from pathlib import Path
 
 import numpy as np
 
+from cliutil import atomic_write_text, write_json
+from export import REPORT as EXPORT_REPORT
+from export import STEMS, onnx_name
 from runtime.errors import RuntimeStageError
 
 log = logging.getLogger(__name__)
 
 EXIT_FAILED, EXIT_USAGE, EXIT_NO_TENSORRT = 1, 2, 3
-FILES = ("dense.int8-fp16.onnx", "model.int8-fp16.onnx")
+FILES = tuple(onnx_name(s, "int8-fp16") for s in STEMS)
 # logits of the engine vs ORT on the same QDQ file: a fraction of max|ORT logit| (TensorRT fuses
 # differently and accumulates INT8 GEMMs in int32, so one-step rounding flips propagate as in export)
 ATOL_FRACTION, MIN_TOP1 = 0.1, 0.9
@@ -189,7 +192,7 @@ def compare_logits(engine_out: np.ndarray, ort_out: np.ndarray, float_out: np.nd
     QDQ file is (rounding flips make two exact INT8 runs of a deep network differ element-wise; see
     export.parity.TOLERANCES); the element-wise figures are then reported, not gated.
     """
-    from export.parity import TOLERANCES, quant_accuracy
+    from export import TOLERANCES, quant_accuracy
 
     d = np.abs(engine_out.astype(np.float64) - ort_out)
     scale = float(np.abs(ort_out).max()) or 1.0
@@ -297,22 +300,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _images(args, onnx_dir: Path) -> np.ndarray:
     """Real images, preprocessed as the export's parity check did (its report names the folder)."""
-    from calibration_data import load_image_set, make_loader
+    from calibration_data import load_image_set, make_loader   # torch: only for these images (a device may lack it)
+    from compress import load_dense
 
-    report = onnx_dir / "export_report.json"
+    report = onnx_dir / EXPORT_REPORT
     doc = json.loads(report.read_text()) if report.is_file() else {}
     folder = args.calib or (doc.get("parity_images") or {}).get("folder")
     if folder is None or "model" not in doc:
         raise RuntimeStageError(f"{onnx_dir} has no export_report.json naming the model and its parity images")
-    from runtime.evaluate import dense_model   # preprocessing comes from the model (timm data config)
 
     images = load_image_set(folder, num=args.images)
-    return np.concatenate([x.numpy() for x, _ in make_loader(images, dense_model(doc), batch_size=32)])
+    return np.concatenate([x.numpy() for x, _ in make_loader(images, load_dense(doc), batch_size=32)])
 
 
 def main(args: argparse.Namespace) -> int:
-    from runtime.backends.trt import TensorRTUnavailable, opt_batch_list, require_cuda, require_tensorrt
-    from runtime.report import atomic_write_bytes
+    from runtime.backends.trt_build import TensorRTUnavailable, opt_batch_list, require_cuda, require_tensorrt
 
     try:
         trt = require_tensorrt()
@@ -338,8 +340,8 @@ def main(args: argparse.Namespace) -> int:
               "cuda_device": cuda.device_properties(0), "cuda_runtime": cuda.runtime_version(),
               "machine": machine_info(), "batches": list(batches), "files": results,
               "passed": all(f["passed"] for f in results.values())}
-    atomic_write_bytes(args.out / "trt_check.json", (json.dumps(report, indent=2) + "\n").encode())
+    write_json(args.out / "trt_check.json", report)
     md = render_markdown(report)
-    atomic_write_bytes(args.out / "trt_check.md", md.encode())
+    atomic_write_text(args.out / "trt_check.md", md)
     print(md)
     return 0 if report["passed"] else EXIT_FAILED

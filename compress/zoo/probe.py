@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cliutil import atomic_path
+
 from .imgfocus import HEAD_FILE, NAME, build, cache_dir, load_weights
 
 log = logging.getLogger(__name__)
@@ -52,7 +54,7 @@ def extract(model, arrays: np.ndarray, batch_size: int = 64) -> np.ndarray:
 
 
 def cached_features(model, split: str, num: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    from calibration_data.cifar10 import load_cifar10
+    from calibration_data import load_cifar10
 
     x, y = load_cifar10(split)
     idx = _balanced(y, num, seed) if num < len(x) else np.arange(len(x))
@@ -61,10 +63,8 @@ def cached_features(model, split: str, num: int, seed: int) -> tuple[np.ndarray,
         with np.load(path) as d:
             return d["features"], d["labels"]
     feats = extract(model, x[idx])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, features=feats, labels=y[idx])
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, features=feats, labels=y[idx])
     return feats, y[idx]
 
 

@@ -111,7 +111,7 @@ def tiny_run_dir(tiny_base_config, tmp_path_factory) -> Path:
     """A run directory made by actually running every stage (compress, export, eval on 64 bundled
     eval images, bench at batch 1 with the memory probe, report), laid out like `make all OUT=D`."""
     from export import ExportOptions
-    from runtime import stages
+    from runtime.workflows import run as stages
     from runtime.benchmark import BenchConfig
     from runtime.evaluate import resolve_data
 

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from runtime import profile
-from runtime.benchmark import VARIANTS
+from runtime.benchmark import BENCH_FILES
 from runtime.__main__ import main as runtime_main
 
 
@@ -40,7 +40,7 @@ def test_cli_profiles_every_variant_of_an_export(tiny_run_dir, tmp_path):
     assert rc == 0
     doc = json.loads((tmp_path / "profile.json").read_text())
     # every file of the benchmark's table (the TensorRT-only *.int8-fp16.onnx are not in it)
-    files = {v.filename for v in VARIANTS if (tiny_run_dir / "onnx" / v.filename).is_file()}
+    files = {v.filename for v in BENCH_FILES if (tiny_run_dir / "onnx" / v.filename).is_file()}
     assert len(doc["variants"]) == len(files) >= 4
     for name, s in doc["variants"].items():
         assert s["total_ms"] > 0

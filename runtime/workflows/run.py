@@ -1,11 +1,12 @@
-"""One budget through compress -> export -> eval -> bench, into a run directory laid out like
-``make all OUT=D`` makes it (so ``python -m runtime report --run-dir D`` reads it too):
+"""One budget through compress -> export -> eval -> bench, into a run directory of the layout
+in runtime.workflows.layout (``make all OUT=D`` makes the same; ``python -m runtime report
+--run-dir D`` reads it):
 
-    D/compressed/  compress.pipeline.run       D/onnx/      export.export_compressed
+    D/compressed/  compress.run                D/onnx/      export.export_compressed
     D/eval.json    runtime.evaluate             D/bench/     runtime.benchmark + runtime.report
 
-Used by runtime.sweep (many ratios) and runtime.fit (a search over the ratio). Every stage is
-the stage's own public function; nothing here re-implements one.
+Used by runtime.workflows.sweep (many ratios) and runtime.workflows.fit (a search over the
+ratio). Every stage is the stage's own public function; nothing here re-implements one.
 """
 from __future__ import annotations
 
@@ -15,81 +16,71 @@ import statistics
 import time
 from pathlib import Path
 
+import compress
+from calibration_data import make_loader
+from export import export_compressed
+from runtime.backends import open_backend
+from runtime.benchmark import run_benchmark
+from cliutil import write_json
+from runtime.evaluate import backend_variant, evaluate, result_document, torch_variant
+from runtime.report import write_outputs
+from runtime.workflows.layout import BENCH, COMPRESSED, EVAL, ONNX
+
 log = logging.getLogger(__name__)
 
 
-def ratio_dir(root, ratio: float) -> Path:
-    """Run directory of one ratio: root/r0.3, root/r0.4375 ..."""
-    return Path(root) / f"r{ratio:.4f}".rstrip("0").rstrip(".")
-
-
-def compress_stage(base, ratio: float, run_dir) -> dict:
-    """Compress with ``base`` (a compress.pipeline.Config) at ``ratio`` into run_dir/compressed."""
-    from compress.pipeline import run
-
-    cfg = dataclasses.replace(base, ratio=ratio, params=None, size_mb=None, out=str(Path(run_dir) / "compressed"))
+def compress_stage(base, ratio: float, run_dir, reuse=None) -> compress.RunResult:
+    """Compress with ``base`` (a compress.Config) at ``ratio`` into run_dir/compressed; ``reuse``
+    (an earlier result's ``prepared``) serves its statistics and factorisation when they fit."""
+    cfg = dataclasses.replace(base, ratio=ratio, params=None, size_mb=None, plan=None,
+                              out=str(Path(run_dir) / COMPRESSED))
     t = time.perf_counter()
-    manifest = run(cfg).manifest
+    result = compress.run(cfg, reuse=reuse)
     log.info("ratio %.4g: compressed in %.1f s (statistics %s)", ratio, time.perf_counter() - t,
-             "from the cache" if manifest["calibration"]["stats_from_cache"] else "computed")
-    return manifest
+             "reused or from the cache" if result.manifest["calibration"]["stats_from_cache"] else "computed")
+    return result
 
 
 def export_stage(run_dir, options) -> dict:
     """ONNX files of run_dir/compressed into run_dir/onnx (export.ExportOptions)."""
-    from export import export_compressed
-
-    return export_compressed(Path(run_dir) / "compressed", Path(run_dir) / "onnx", options)
+    return export_compressed(Path(run_dir) / COMPRESSED, Path(run_dir) / ONNX, options)
 
 
 def eval_stage(run_dir, images, onnx_files=("model.int8.onnx",), backend: str = "ort",
                backend_options: dict | None = None, fake_quant: bool = False, batch_size: int = 100,
                seed: int = 0) -> dict:
     """Accuracy of dense (reference), compressed and the named ONNX files of run_dir; writes eval.json."""
-    import compress
-    from calibration_data import make_loader
-    from runtime.backends import open_backend
-    from runtime.evaluate import (backend_variant, dense_model, evaluate, result_document, torch_variant,
-                                  write_json)
-
     run_dir = Path(run_dir)
-    model, manifest = compress.load_compressed(run_dir / "compressed")
-    dense = dense_model(manifest)
+    model, manifest = compress.load_compressed(run_dir / COMPRESSED)
+    dense = compress.load_dense(manifest)
     variants = {"dense": torch_variant(dense), "compressed": torch_variant(model)}
     if fake_quant and (manifest.get("quant") or {}).get("act_ranges"):
-        from compress.quantize import apply_fake_quant_
-
-        fq, _ = compress.load_compressed(run_dir / "compressed")
-        apply_fake_quant_(fq, manifest["quant"]["act_ranges"])
+        fq, _ = compress.load_compressed(run_dir / COMPRESSED)
+        compress.apply_fake_quant_(fq, manifest["quant"]["act_ranges"])
         variants["compressed-int8-fakequant"] = torch_variant(fq)
     backends = []
     try:
         for name in onnx_files:
-            b = open_backend(backend, run_dir / "onnx" / name, **(backend_options or {}))
+            b = open_backend(backend, run_dir / ONNX / name, **(backend_options or {}))
             backends.append(b)
             variants[f"{backend}:{name}"] = backend_variant(b)
-        from compress.models import has_head
-
         loader = make_loader(images, dense, batch_size=batch_size)
-        scores = evaluate(variants, loader, reference="dense", progress=False, features=not has_head(dense))
+        scores = evaluate(variants, loader, reference="dense", progress=False, features=not compress.has_head(dense))
     finally:
         for b in backends:
             b.close()
     name = manifest["model"]["name"]
-    doc = result_document(name, images, seed, {"compressed": str(run_dir / "compressed"),
+    doc = result_document(name, images, seed, {"compressed": str(run_dir / COMPRESSED),
                                                "manifest_params": manifest.get("params"),
                                                "data_config_model": name}, scores)
-    write_json(run_dir / "eval.json", doc)
+    write_json(run_dir / EVAL, doc)
     return doc
 
 
 def bench_stage(run_dir, config) -> dict:
     """runtime.benchmark on run_dir/onnx (a BenchConfig); writes run_dir/bench/bench.{json,md,png}."""
-    from runtime.benchmark import run_benchmark
-    from runtime.report import write_outputs
-
-    result = run_benchmark(Path(run_dir) / "onnx", config)
-    write_outputs(result, Path(run_dir) / "bench")
+    result = run_benchmark(Path(run_dir) / ONNX, config)
+    write_outputs(result, Path(run_dir) / BENCH)
     return result
 
 

@@ -9,7 +9,7 @@ import timm
 from safetensors.torch import save_file
 
 import compress.reference_model  # noqa: F401  (registers vit_cifar_*)
-from runtime import study
+from runtime.workflows import study
 from runtime.errors import RuntimeStageError
 
 

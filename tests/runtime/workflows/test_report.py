@@ -8,7 +8,8 @@ import shutil
 import pytest
 
 import runtime.__main__ as cli
-from runtime import summary
+from runtime.workflows import layout
+from runtime.workflows import report as summary
 from runtime.errors import RuntimeStageError
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -65,14 +66,14 @@ def test_report_carries_the_stages_numbers(report):
 
 def test_accuracy_plot_and_atomic_outputs(report):
     _, d = report
-    png = (d / summary.PLOT).read_bytes()
+    png = (d / layout.PLOT).read_bytes()
     assert png.startswith(PNG) and len(png) > 10_000
     import matplotlib.image
 
-    h, w, _ = matplotlib.image.imread(str(d / summary.PLOT)).shape
+    h, w, _ = matplotlib.image.imread(str(d / layout.PLOT)).shape
     assert w > 1.5 * h  # two panels: vs parameters and vs bytes
     assert not [p.name for p in d.iterdir() if p.name.endswith(".tmp")]
-    assert oct((d / summary.REPORT).stat().st_mode & 0o777) == "0o644"
+    assert oct((d / layout.REPORT).stat().st_mode & 0o777) == "0o644"
 
 
 def test_int8_kernel_note_follows_the_export_measurement(report, tiny_run_dir):
@@ -112,7 +113,7 @@ def test_missing_stages_are_named_and_left_out(tiny_run_dir, tmp_path, capsys):
     text = (d / "report.md").read_text()
     assert "- **missing**: `bench/bench.json`" in text and "- **missing**: `eval.json`" in text
     assert "## Latency" not in text and "## Accuracy" not in text and "## ONNX files" in text
-    assert not (d / summary.PLOT).exists()
+    assert not (d / layout.PLOT).exists()
 
 
 def test_no_outputs_is_a_one_line_error(tmp_path, capsys):

@@ -22,22 +22,17 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
-from runtime.benchmark import VARIANTS
+from cliutil import atomic_write_bytes, atomic_write_text, figure_png
+from export import FILES, onnx_name
+from runtime.benchmark import BENCH_FILES
 from runtime.errors import RuntimeStageError
-from runtime.report import atomic_write_bytes
+from runtime.machine import describe_machine
+from runtime.workflows.layout import PLOT, REPORT, SOURCES
 
 log = logging.getLogger(__name__)
 
 MB = 1e6
-# The run-directory layout shared by the Makefile, runtime.sweep and runtime.fit.
-SOURCES = {
-    "manifest": "compressed/manifest.json",
-    "export": "onnx/export_report.json",
-    "bench": "bench/bench.json",
-    "eval": "eval.json",
-}
-REPORT, PLOT = "report.md", "accuracy_vs_size.png"
-_BY_FILE = {v.filename: v for v in VARIANTS}
+_BY_FILE = {v.filename: v for v in BENCH_FILES}
 # PyTorch variants of runtime.evaluate -> the benchmark variant (and ONNX file) they correspond to
 _TORCH = {"dense": "dense-fp32", "compressed": "lowrank-fp32", "compressed-int8-fakequant": "lowrank-int8"}
 
@@ -105,7 +100,7 @@ def file_bytes(run: RunFiles, variant: str | None) -> int | None:
     """Size of a variant's ONNX file from the export report (else from the benchmark)."""
     if variant is None:
         return None
-    filename = next(v.filename for v in VARIANTS if v.name == variant)
+    filename = next(f.filename for f in FILES if f.name == variant)
     if run.export and filename in (run.export.get("files") or {}):
         return run.export["files"][filename].get("bytes")
     if run.bench and variant in run.bench.get("variants", {}):
@@ -165,7 +160,7 @@ def _headline(run: RunFiles, points: list[EvalPoint]) -> list[str]:
                      f"{p['compressible_removed_ratio']:.1%} of the compressible layers)")
     if run.export:
         files = run.export.get("files") or {}
-        d, q = files.get("dense.onnx", {}).get("bytes"), files.get("model.int8.onnx", {}).get("bytes")
+        d, q = files.get(onnx_name("dense"), {}).get("bytes"), files.get(onnx_name("model", "int8"), {}).get("bytes")
         if d and q:
             lines.append(f"- deployable size: dense.onnx {d / MB:.2f} MB -> model.int8.onnx {q / MB:.2f} MB "
                          f"({d / q:.1f}x smaller)")
@@ -289,7 +284,7 @@ def _accuracy_section(run: RunFiles, points: list[EvalPoint]) -> list[str]:
 
 def int8_kernel_note(run: RunFiles, points: list[EvalPoint]) -> str | None:
     """Why ORT's INT8 rows may trail the fake-quant row: the CPU's int8 kernels (export measured them)."""
-    k = ((run.export or {}).get("files") or {}).get("model.int8.onnx", {}).get("ort_int8_kernels")
+    k = ((run.export or {}).get("files") or {}).get(onnx_name("model", "int8"), {}).get("ort_int8_kernels")
     if not k or not k.get("cpu_saturates") or not any("int8.onnx" in pt.name for pt in points):
         return None
     return ("**Note:** this CPU has no VNNI, so ONNX Runtime's int8 GEMMs saturate their int16 pair sums; "
@@ -322,7 +317,6 @@ def _export_section(run: RunFiles) -> list[str]:
 
 
 def _bench_section(run: RunFiles) -> list[str]:
-    from runtime.machine import describe_machine
 
     b = run.bench
     cfg, variants = b["config"], b["variants"]
@@ -398,7 +392,7 @@ def plot_points(points: list[EvalPoint]) -> list[EvalPoint]:
         old = chosen.get(pt.variant)
         if old is None or (old.runs_on.startswith("pytorch") and not pt.runs_on.startswith("pytorch")):
             chosen[pt.variant] = pt
-    return [chosen[v.name] for v in VARIANTS if v.name in chosen]
+    return [chosen[v.name] for v in BENCH_FILES if v.name in chosen]
 
 
 def plot_accuracy_vs_size(points: list[EvalPoint], title: str = "") -> bytes | None:
@@ -435,7 +429,6 @@ def plot_accuracy_vs_size(points: list[EvalPoint], title: str = "") -> bytes | N
     if len(axes_spec) > 1:
         axes[0][1].set_title("Accuracy vs bytes")
     fig.tight_layout()
-    from runtime.report import figure_png
 
     return figure_png(fig)
 
@@ -452,7 +445,7 @@ def write_report(run_dir) -> dict:
     else:
         (run.run_dir / PLOT).unlink(missing_ok=True)  # a stale plot would contradict the report
     written["report"] = run.run_dir / REPORT
-    atomic_write_bytes(written["report"], render_report(run).encode())
+    atomic_write_text(written["report"], render_report(run))
     log.info("wrote %s", written["report"])
     return {"paths": written, "missing": run.missing}
 

@@ -3,14 +3,14 @@
     python -m runtime sweep --model vit_cifar_ref --ratios 0.2,0.3,0.4,0.5,0.6,0.7 --out runs/sweep
 
 For each ratio, in D/r<ratio>/ (the layout of ``make all``, with its own report.md):
-compress (compress.pipeline.run; the calibration statistics come from compress's cache after
-the first ratio, and sweep.json records how many passes actually ran), export FP32 + INT8
+compress (compress.run; the first ratio's statistics and factorisation serve every later one,
+and sweep.json records how many statistics passes actually ran), export FP32 + INT8
 (export.export_compressed), accuracy of the compressed model in PyTorch and of
 model.int8.onnx on the runtime backend (runtime.evaluate), and batch-1 latency of
 dense/low-rank FP32/INT8 interleaved in one run (runtime.benchmark). Then D/sweep.json,
 D/sweep.md and D/pareto.png (each written atomically).
 
-Latency across ratios is put on one clock with runtime.stages.normalised_latency: each
+Latency across ratios is put on one clock with runtime.workflows.run.normalised_latency: each
 ratio's p50 relative to the dense FP32 model measured in the same interleaved run, times the
 median dense FP32 p50 over all runs.
 """
@@ -19,19 +19,33 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import json
 import logging
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
+from compress import (Config, add_calibration_arguments, add_method_arguments, add_weights_arguments, config_defaults,
+                      default_stats_cache)
+from cliutil import option_value
+from cliutil import atomic_write_bytes, figure_png, write_json
+from export import ExportOptions, onnx_name
+from runtime.backends import thread_options
+from runtime.benchmark import BenchConfig
 from runtime.errors import RuntimeStageError
+from runtime.evaluate import resolve_data
+from runtime.machine import describe_machine, machine_info
+from runtime.workflows.report import write_report
+from runtime.workflows.layout import ratio_dir
+from runtime.workflows.run import bench_stage, compress_stage, eval_stage, export_stage, normalised_latency, p50
 
 log = logging.getLogger(__name__)
 
 SCHEMA = 1
 PRECISIONS = ("fp32", "int8")
-FILES = {"fp32": "model.onnx", "int8": "model.int8.onnx"}
-DENSE_FILES = {"fp32": "dense.onnx", "int8": "dense.int8.onnx"}
+FILES = {p: onnx_name("model", p) for p in PRECISIONS}
+DENSE_FILES = {p: onnx_name("dense", p) for p in PRECISIONS}
 
 
 @dataclass(frozen=True)
@@ -65,21 +79,11 @@ class SweepConfig:
 
     @property
     def backend_options(self) -> dict:
-        from runtime.backends import thread_options
-
         return thread_options(self.backend, self.threads)
 
 
 def run_sweep(base, config: SweepConfig) -> dict:
     """Compress/export/eval(/bench) ``base`` (compress Config) at every ratio; returns sweep.json."""
-    from export import ExportOptions
-    from runtime import stages
-    from runtime.benchmark import BenchConfig
-    from runtime.evaluate import resolve_data
-    from runtime.summary import write_report
-
-    if base.stats_cache is None:
-        log.warning("no statistics cache: every ratio recomputes the calibration statistics")
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     images = resolve_data(config.data, base.model, config.num_eval, config.seed)
@@ -90,15 +94,16 @@ def run_sweep(base, config: SweepConfig) -> dict:
                                variants=("dense-fp32", "dense-int8", "lowrank-fp32", "lowrank-int8"),
                                memory=False, seed=config.seed)
     started = _now()
-    runs = []
+    runs, prepared = [], None
     for i, ratio in enumerate(sorted(config.ratios)):
-        rd = stages.ratio_dir(out, ratio)
-        manifest = stages.compress_stage(base, ratio, rd)
-        export = stages.export_stage(rd, export_options)
+        rd = ratio_dir(out, ratio)
+        result = compress_stage(base, ratio, rd, reuse=prepared)   # one factorisation serves every ratio
+        manifest, prepared = result.manifest, result.prepared
+        export = export_stage(rd, export_options)
         onnx = ("dense.int8.onnx", "model.int8.onnx") if i == 0 else ("model.int8.onnx",)
-        ev = stages.eval_stage(rd, images, onnx, config.backend, config.backend_options,
-                               batch_size=config.eval_batch_size, seed=config.seed)
-        bench = stages.bench_stage(rd, bench_config) if config.bench else None
+        ev = eval_stage(rd, images, onnx, config.backend, config.backend_options,
+                        batch_size=config.eval_batch_size, seed=config.seed)
+        bench = bench_stage(rd, bench_config) if config.bench else None
         write_report(rd)
         runs.append({"ratio": ratio, "dir": rd, "manifest": manifest, "export": export, "eval": ev,
                      "bench": bench})
@@ -121,13 +126,10 @@ def _one_line(run: dict) -> str:
 
 def build_document(base, config: SweepConfig, runs: list[dict], started: str) -> dict:
     """sweep.json: the dense reference, one point per ratio, Pareto flags, calibration passes."""
-    from runtime import stages
-    from runtime.machine import machine_info
-
     bs = config.batch_size
     benches = [r["bench"] for r in runs if r["bench"]]
-    lat = {p: stages.normalised_latency(benches, f"lowrank-{p}", bs) for p in PRECISIONS}
-    dense_lat = {p: stages.normalised_latency(benches, f"dense-{p}", bs) for p in PRECISIONS}
+    lat = {p: normalised_latency(benches, f"lowrank-{p}", bs) for p in PRECISIONS}
+    dense_lat = {p: normalised_latency(benches, f"dense-{p}", bs) for p in PRECISIONS}
     first = runs[0]
     ev0 = first["eval"]["variants"]
     backend = config.backend
@@ -155,8 +157,8 @@ def build_document(base, config: SweepConfig, runs: list[dict], started: str) ->
             "agreement": {p: scores[p]["agreement"] for p in PRECISIONS},
             "kl": {p: scores[p]["kl"] for p in PRECISIONS},
             "latency_ms": {p: lat[p][k] for p in PRECISIONS} if r["bench"] else None,
-            "latency_raw_p50_ms": ({p: stages.p50(r["bench"], f"lowrank-{p}", bs) for p in PRECISIONS}
-                                   | {"dense-fp32": stages.p50(r["bench"], "dense-fp32", bs)}) if r["bench"] else None,
+            "latency_raw_p50_ms": ({p: p50(r["bench"], f"lowrank-{p}", bs) for p in PRECISIONS}
+                                   | {"dense-fp32": p50(r["bench"], "dense-fp32", bs)}) if r["bench"] else None,
             "stats_from_cache": m["calibration"]["stats_from_cache"],
             "compress_seconds": m["timings"]["total"],
         })
@@ -185,8 +187,6 @@ def build_document(base, config: SweepConfig, runs: list[dict], started: str) ->
 
 
 def _median(values):
-    import statistics
-
     vals = [v for v in values if v is not None]
     return statistics.median(vals) if vals else None
 
@@ -226,8 +226,6 @@ def pareto_flags(doc: dict) -> dict:
 
 # ----------------------------------------------------------------------------- outputs
 def render_markdown(doc: dict) -> str:
-    from runtime.machine import describe_machine
-
     d, pts = doc["dense"], doc["points"]
     lat = d.get("latency_ms")
 
@@ -252,7 +250,7 @@ def render_markdown(doc: dict) -> str:
     if lat:
         lines += [f"Latency: p50 at batch {doc['batch_size']} on `{doc['backend']}`, each ratio measured interleaved "
                   "with the dense model and rescaled to the median dense FP32 p50 over all runs "
-                  "(runtime.stages.normalised_latency).", f"Machine: {describe_machine(doc['machine'] or {})}.", ""]
+                  "(runtime.workflows.run.normalised_latency).", f"Machine: {describe_machine(doc['machine'] or {})}.", ""]
     lines += ["| ratio | params | removed | fp32 MB | int8 MB | top-1 fp32 | top-1 int8 | agree fp32 | agree int8 "
               "| p50 fp32 ms | p50 int8 ms | stats |",
               "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
@@ -305,17 +303,13 @@ def plot(doc: dict) -> bytes:
     axes[0][0].legend(fontsize=7)
     fig.suptitle(f"{doc['model']['name']}: {doc['method']['method']}/{doc['method']['allocation']}", fontsize=10)
     fig.tight_layout()
-    from runtime.report import figure_png
-
     return figure_png(fig)
 
 
 def write_outputs(doc: dict, out_dir) -> dict[str, Path]:
-    from runtime.report import atomic_write_bytes
-
     out_dir = Path(out_dir)
     paths = {"json": out_dir / "sweep.json", "md": out_dir / "sweep.md", "png": out_dir / "pareto.png"}
-    atomic_write_bytes(paths["json"], (json.dumps(doc, indent=2, default=str) + "\n").encode())
+    write_json(paths["json"], doc)
     atomic_write_bytes(paths["md"], render_markdown(doc).encode())
     atomic_write_bytes(paths["png"], plot(doc))
     return paths
@@ -329,38 +323,21 @@ def _float_list(text: str) -> tuple[float, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
-def _kwarg(text: str) -> tuple[str, object]:
-    from runtime.__main__ import _option
-
-    return _option(text)
-
-
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
-    """The compress options sweep and fit share (a subset of python -m compress's)."""
-    from compress.__main__ import _defaults, add_weights_arguments
-
+    """The compress options sweep and fit share (python -m compress's own declarations and defaults)."""
+    d = config_defaults()
     g = p.add_argument_group("model and method (as python -m compress)")
     add_weights_arguments(g)
-    g.add_argument("--model-arg", type=_kwarg, action="append", default=[], metavar="KEY=VALUE",
+    g.add_argument("--model-arg", type=option_value, action="append", default=[], metavar="KEY=VALUE",
                    help="keyword for timm.create_model, e.g. depth=2 (repeatable; recorded in the manifest)")
-    g.add_argument("--calib", help="calibration image folder (default: the bundled set for the model)")
-    g.add_argument("--num-calib", type=int, default=256)
-    g.add_argument("--method", default="whiten", choices=("whiten", "plain", "diag", "mean-input"))
-    g.add_argument("--allocation", default="mixed", choices=("mixed", "uniform"))
-    g.add_argument("--comp-rank", type=int, default=_defaults()["comp_rank"],
-                   help="compensation rank (0: off, compress's default); validated on held-out images")
-    g.add_argument("--comp-steps", type=int, default=50)
-    g.add_argument("--granule", type=int, default=8)
-    g.add_argument("--stats-cache", default=None,
-                   help="statistics cache (default: compress's, ~/.cache/vit-edge/compress-stats)")
+    add_calibration_arguments(g, d)
+    add_method_arguments(g, d)
     g.add_argument("--threads", type=int, default=None, help="torch and onnxruntime threads (default: theirs)")
     g.add_argument("--backend", default="ort", help="runtime backend for accuracy and latency (default: ort)")
 
 
 def base_config(args, ratio: float, out: str):
-    """compress.pipeline.Config from the shared options (the ratio and out are set per run)."""
-    from compress.pipeline import Config, default_stats_cache
-
+    """compress.Config from the shared options (the ratio and out are set per run)."""
     return Config(model=args.model, out=out, checkpoint=args.checkpoint,
                   pretrained=args.pretrained, model_kwargs=dict(args.model_arg),
                   calib=args.calib, num_calib=args.num_calib, ratio=ratio, method=args.method,
@@ -376,8 +353,6 @@ def quiet_exporters() -> None:
 
 def set_threads(threads: int | None) -> None:
     if threads:
-        import torch
-
         torch.set_num_threads(threads)
 
 

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 import runtime.__main__ as cli
-from runtime import stages, sweep
+from runtime.workflows import layout, sweep
+from runtime.workflows import run as stages
 from runtime.errors import RuntimeStageError
 
 TINY_ARGS = ["--model", "vit_cifar_ref", "--random-init", "--model-arg", "depth=2", "--model-arg", "embed_dim=64",
@@ -92,7 +93,7 @@ def test_normalised_latency_removes_drift_between_runs():
 
 
 def test_ratio_dirs_are_distinct_and_readable(tmp_path):
-    names = [stages.ratio_dir(tmp_path, r).name for r in (0.2, 0.25, 0.3, 0.4375, 0.7)]
+    names = [layout.ratio_dir(tmp_path, r).name for r in (0.2, 0.25, 0.3, 0.4375, 0.7)]
     assert names == ["r0.2", "r0.25", "r0.3", "r0.4375", "r0.7"]
 
 
@@ -108,7 +109,7 @@ def test_fit_size_target_keeps_the_least_compression(tiny_base_config, tmp_path)
     """Bisection over [0, 0.55] on the INT8 file size (exact, so the outcome is checkable)."""
     import torch
 
-    from runtime.fit import FitConfig, run_fit
+    from runtime.workflows.fit import FitConfig, run_fit
 
     torch.set_num_threads(1)
     base = tiny_base_config(stats_cache=str(tmp_path / "cache"))

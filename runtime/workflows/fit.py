@@ -3,8 +3,8 @@
     python -m runtime fit --model vit_cifar_ref --target-latency-ms 3 --backend ort --batch-size 1 --out runs/fit
     python -m runtime fit --model vit_cifar_ref --target-size-mb 1.0 --out runs/fit-size
 
-Each candidate ratio is compressed (the calibration statistics come from compress's cache
-after the first), exported, and measured: the file size of model.<precision>.onnx, or its
+Each candidate ratio is compressed (the first candidate's statistics and factorisation serve
+every later one), exported, and measured: the file size of model.<precision>.onnx, or its
 p50 latency at the given batch size on the chosen backend. The search first tries
 ``--max-ratio`` (if even that misses, it says so and stops), then halves the interval
 [0, max-ratio] ``--iterations - 1`` times, keeping the upper end on the meeting side.
@@ -13,7 +13,7 @@ The answer is the smallest measured ratio that meets the target (highest accurac
 Latency is noisy on a shared machine, so every candidate is timed interleaved with the dense
 FP32 model in the same run (runtime.benchmark's round-robin schedule), and its latency is
 taken as (candidate p50 / dense p50 of that run) x (median dense p50 over all runs so far)
-(runtime.stages.normalised_latency). Decisions use the estimate available at the time; the
+(runtime.workflows.run.normalised_latency). Decisions use the estimate available at the time; the
 final choice is re-made with the final scale. File sizes are exact and need no such care.
 
 Writes D/candidates/r<ratio>/ (run directories with a report.md each), D/fit.json, D/fit.md
@@ -23,13 +23,20 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import logging
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from cliutil import atomic_write_text, write_json
+from export import ExportOptions
+from runtime.backends import thread_options
+from runtime.benchmark import BenchConfig
 from runtime.errors import RuntimeStageError
+from runtime.workflows.report import write_report
+from runtime.workflows.layout import ratio_dir
+from runtime.workflows.run import bench_stage, compress_stage, export_stage, normalised_latency
+from runtime.workflows.sweep import add_model_arguments, base_config, quiet_exporters, set_threads
 
 log = logging.getLogger(__name__)
 
@@ -89,18 +96,17 @@ class Search:
     def __init__(self, config: FitConfig):
         self.config = config
         self.runs: list[dict] = []   # {"ratio", "dir", "manifest", "export", "bench"}
+        self.prepared = None         # the first candidate's statistics and factors, for the next ones
 
     def value(self, run: dict, family: str = "lowrank") -> float | None:
         """Size in MB, or latency in ms on the common clock of every run so far."""
-        from runtime import stages
-
         c = self.config
         if c.kind == "size":
             stem = "model" if family == "lowrank" else "dense"
             name = f"{stem}.int8.onnx" if c.precision == "int8" else f"{stem}.onnx"
             return run["export"]["files"][name]["bytes"] / 1e6
         benches = [r["bench"] for r in self.runs]
-        return stages.normalised_latency(benches, f"{family}-{c.precision}", c.batch_size)[self.runs.index(run)]
+        return normalised_latency(benches, f"{family}-{c.precision}", c.batch_size)[self.runs.index(run)]
 
     def meets(self, run: dict, family: str = "lowrank") -> bool:
         v = self.value(run, family)
@@ -115,22 +121,16 @@ class Search:
 
 def measure(base, config: FitConfig, ratio: float, search: Search) -> dict:
     """Compress + export (+ benchmark) one candidate and add it to ``search``."""
-    from export import ExportOptions
-    from runtime import stages
-    from runtime.benchmark import BenchConfig
-    from runtime.summary import write_report
-
-    rd = stages.ratio_dir(Path(config.out) / "candidates", ratio)
-    manifest = stages.compress_stage(base, ratio, rd)
-    export = stages.export_stage(rd, ExportOptions(int8=config.precision == "int8", fp16=False, calib=base.calib,
+    rd = ratio_dir(Path(config.out) / "candidates", ratio)
+    result = compress_stage(base, ratio, rd, reuse=search.prepared)
+    manifest, search.prepared = result.manifest, result.prepared
+    export = export_stage(rd, ExportOptions(int8=config.precision == "int8", fp16=False, calib=base.calib,
                                                    num_parity=config.num_parity, threads=config.threads or 1,
                                                    device=base.device))
     bench = None
     if config.kind == "latency":
-        from runtime.backends import thread_options
-
         options = thread_options(config.backend, config.threads)
-        bench = stages.bench_stage(rd, BenchConfig(backend=config.backend, batch_sizes=(config.batch_size,),
+        bench = bench_stage(rd, BenchConfig(backend=config.backend, batch_sizes=(config.batch_size,),
                                                    warmup=config.warmup, repeats=config.repeats, options=options,
                                                    variants=config.variants, memory=False))
     write_report(rd)
@@ -208,16 +208,14 @@ def render_markdown(doc: dict) -> str:
                      f"| {row['dense_value']:.3f} | {'yes' if row['meets'] else 'no'} "
                      f"| {'cache' if row['stats_from_cache'] else 'computed'} |")
     if doc["latency_method"]:
-        lines += ["", f"Latency: {doc['latency_method']} (runtime.stages.normalised_latency)."]
+        lines += ["", f"Latency: {doc['latency_method']} (runtime.workflows.run.normalised_latency)."]
     return "\n".join(lines) + "\n"
 
 
 def write_outputs(doc: dict, out) -> None:
-    from runtime.report import atomic_write_bytes
-
     out = Path(out)
-    atomic_write_bytes(out / "fit.json", (json.dumps(doc, indent=2, default=str) + "\n").encode())
-    atomic_write_bytes(out / "fit.md", render_markdown(doc).encode())
+    write_json(out / "fit.json", doc)
+    atomic_write_text(out / "fit.md", render_markdown(doc))
     link = out / "best"
     if doc["best"] is not None:
         tmp = out / f".best.{os.getpid()}"
@@ -230,8 +228,6 @@ def write_outputs(doc: dict, out) -> None:
 
 # ----------------------------------------------------------------------------- CLI
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from runtime.sweep import add_model_arguments
-
     add_model_arguments(p)
     t = p.add_mutually_exclusive_group(required=True)
     t.add_argument("--target-latency-ms", type=float, help="p50 latency to meet on --backend at --batch-size")
@@ -248,8 +244,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from runtime.sweep import base_config, quiet_exporters, set_threads
-
     set_threads(args.threads)
     quiet_exporters()
     config = FitConfig(out=args.out, target_latency_ms=args.target_latency_ms, target_size_mb=args.target_size_mb,

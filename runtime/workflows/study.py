@@ -9,28 +9,33 @@ head (unchanged), top-1 agreement and KL against the dense model, the cosine of 
 the wall time of its compress run. A headless model (no classifier) gets the feature metrics only.
 ``--baseline`` sets smaller dense models beside the compressed one at their parameter count.
 
-One calibration pass (compress's statistics cache serves every later configuration); the
-evaluation images are decoded once. Results: study.json, study.md, study.png.
+One calibration pass: each configuration reuses the previous one's statistics (and its
+factorisation when the method is the same, compress.run(..., reuse=)); the evaluation images
+are decoded once. Results: study.json, study.md, study.png.
 
     python -m runtime study --model vit_small_patch14_imgfocus --pretrained --out runs/study-imgfocus
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import contextlib
 import logging
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
+from calibration_data import make_loader
+from cliutil import atomic_write_bytes, atomic_write_text, figure_png, write_json
+from compress import (Config, add_calibration_arguments, add_weights_arguments, config_defaults, default_stats_cache,
+                      distributed, fake_quant, features_and_logits, load_model, output_cosine, run)
 from runtime.errors import RuntimeStageError
-from runtime.evaluate import score, write_json
-from runtime.report import atomic_write_bytes, figure_png
+from runtime.evaluate import resolve_data, score
 
 log = logging.getLogger(__name__)
 
@@ -60,9 +65,7 @@ def variant_options(name: str, recon_steps: int, finetune_steps: int) -> dict:
 
 def default_variant(recon_steps: int, finetune_steps: int) -> str | None:
     """The variant equal to compress's own defaults (None if none is)."""
-    from compress.pipeline import Config
-
-    defaults = {f.name: f.default for f in dataclasses.fields(Config)}
+    defaults = config_defaults()
     for name in VARIANTS:
         if all(defaults[k] == v for k, v in variant_options(name, recon_steps, finetune_steps).items()):
             return name
@@ -97,9 +100,6 @@ class StudyConfig:
 
 
 def _eval_tensor(model, data: str | None, num: int | None):
-    from calibration_data import make_loader
-    from runtime.evaluate import resolve_data
-
     images = resolve_data(data, model, num, 0)
     xs, ys = [], []
     for x, y in make_loader(images, model, batch_size=250):
@@ -110,8 +110,6 @@ def _eval_tensor(model, data: str | None, num: int | None):
 
 def _outputs(model: torch.nn.Module, x: torch.Tensor, batch_size: int) -> tuple[np.ndarray, np.ndarray | None]:
     """Final features and logits (None for a headless model) on every image."""
-    from compress.models import features_and_logits
-
     model.eval()
     feats, logits = [], []
     with torch.inference_mode():
@@ -129,20 +127,12 @@ def _metrics(feats, logits, labels, ref_feats, ref_logits) -> dict:
         if s is not None:
             out.update(top1=s.top1, top5=s.top5, agreement=s.agreement, kl=s.kl)
     if ref_feats is not None:
-        from compress.refine import output_cosine
-
         mean, low = output_cosine(torch.from_numpy(feats), torch.from_numpy(ref_feats))
         out.update(feature_cosine=mean, feature_cosine_min=low)
     return out
 
 
 def run_study(cfg: StudyConfig) -> dict | None:
-    from tqdm import tqdm
-
-    from compress import distributed, load_model
-    from compress.pipeline import Config, default_stats_cache, run
-    from compress.quantize import apply_fake_quant_
-
     dense = load_model(cfg.model, checkpoint=cfg.checkpoint, pretrained=cfg.pretrained)
     images, x, y = _eval_tensor(dense, cfg.data, cfg.num)
     labels = y if (y >= 0).all() else None
@@ -163,29 +153,31 @@ def run_study(cfg: StudyConfig) -> dict | None:
     int8 = cfg.int8 if cfg.int8 is not None else ((default,) if default else ())
     stats_cache = cfg.stats_cache or str(default_stats_cache())
     work = Path(tempfile.mkdtemp(prefix="study-"))
-    # variant by variant: one factorisation serves all its budgets, and a stopped study has whole rows
+    # variant by variant: one factorisation serves all its budgets, and a stopped study has whole rows;
+    # every configuration reuses the previous one's statistics (its factors too when the method is the same)
     jobs = [(r, v) for v in cfg.variants for r in cfg.ratios]
     first = len(rows)   # under torchrun this rank runs jobs[rank::world], rank 0 gathers (compress.distributed)
     result = {"model": cfg.model, "checkpoint": cfg.checkpoint, "data": images.root, "num_images": len(x),
               "num_calib": cfg.num_calib, "default_variant": default, "recon_steps": cfg.recon_steps,
               "finetune_steps": cfg.finetune_steps, "variants": {k: VARIANTS[k][0] for k in cfg.variants},
               "rows": rows, "complete": False}
+    prepared = None
     try:
         for ratio, variant in tqdm(distributed.split_jobs(jobs), desc="study", unit="config"):
             opts = variant_options(variant, cfg.recon_steps, cfg.finetune_steps)
             t = time.perf_counter()
             res = run(Config(model=cfg.model, checkpoint=cfg.checkpoint, pretrained=cfg.pretrained, calib=cfg.calib,
                              num_calib=cfg.num_calib, ratio=ratio, quant=variant in int8, stats_cache=stats_cache,
-                             out=str(work / "c"), **opts))
+                             out=str(work / "c"), **opts), reuse=prepared)
+            prepared = res.prepared
             seconds = time.perf_counter() - t
             model, m = res.model, res.manifest
             refine = m.get("refine") or {}
             kept = [b.get("kept") for b in refine.get("blocks", {}).values() if b.get("kept")]
-            for fake_quant in ((False, True) if variant in int8 else (False,)):
-                if fake_quant:
-                    apply_fake_quant_(model, m["quant"]["act_ranges"])
-                f, z = _outputs(model, x, cfg.batch_size)
-                rows.append({"ratio": ratio, "variant": variant, "int8": fake_quant, "params": m["params"]["after"],
+            for int8_row in ((False, True) if variant in int8 else (False,)):
+                with (fake_quant(model, m["quant"]["act_ranges"]) if int8_row else contextlib.nullcontext()):
+                    f, z = _outputs(model, x, cfg.batch_size)
+                rows.append({"ratio": ratio, "variant": variant, "int8": int8_row, "params": m["params"]["after"],
                              "removed": m["params"]["removed_ratio"], "compress_seconds": round(seconds, 1),
                              "refine_kept": kept or None, "refine_reverted": (not refine["kept"]) if refine else None,
                              **_metrics(f, z, labels, ref_f, ref_z)})
@@ -202,13 +194,11 @@ def run_study(cfg: StudyConfig) -> dict | None:
 
 
 def write(result: dict, out: Path) -> None:
-    from compress.distributed import is_main
-
-    if not is_main():   # under torchrun rank 0 alone writes
+    if not distributed.is_main():   # under torchrun rank 0 alone writes
         return
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "study.json", result)
-    atomic_write_bytes(out / "study.md", format_markdown(result).encode())
+    atomic_write_text(out / "study.md", format_markdown(result))
     plot(result, out / "study.png")
 
 
@@ -256,7 +246,7 @@ def format_markdown(result: dict) -> str:
                       lambda r: f"{100 * r['top1']:.2f} ({100 * r['agreement']:.1f})")
     out += _table(result, "Final-feature cosine to dense, mean / min over images:",
                   lambda r: f"{r['feature_cosine']:.3f} / {r['feature_cosine_min']:.2f}")
-    out += _table(result, "Wall time of the compress stage, s (statistics from the cache after the first run):",
+    out += _table(result, "Wall time of the compress stage, s (statistics and factors reused after the first run):",
                   lambda r: f"{r['compress_seconds']:.0f}")
     base = [r for r in result["rows"] if r["variant"].startswith("baseline:")]
     if base and has_top1:
@@ -310,12 +300,8 @@ def _names(text: str) -> tuple[str, ...]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="vit_cifar_ref", help="timm model name (default: vit_cifar_ref)")
-    p.add_argument("--checkpoint", help="local checkpoint for --model")
-    p.add_argument("--pretrained", action="store_true", default=None,
-                   help="pretrained weights (bundled for vit_cifar_*, the converted cache for the zoo models)")
-    p.add_argument("--calib", help="calibration images (default: the model's own set)")
-    p.add_argument("--num-calib", type=int, default=256)
+    add_weights_arguments(p, model_default="vit_cifar_ref")
+    add_calibration_arguments(p, config_defaults())
     p.add_argument("--data", default=None, help="evaluation images: folder, bundled name or cifar10:test "
                                                 "(default: the model's own evaluation set)")
     p.add_argument("--num", type=int, help="seeded subset of the evaluation images")
@@ -327,7 +313,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="variants that also get an INT8 fake-quant row (default: compress's default one; '' none)")
     p.add_argument("--recon-steps", type=int, default=100, help="block-reconstruction steps of the recon rows")
     p.add_argument("--finetune-steps", type=int, default=300, help="distillation steps of the distill row")
-    p.add_argument("--stats-cache", default=None, help="statistics cache dir (default: compress's)")
     p.add_argument("--baseline", action="append", default=[], metavar="MODEL[=CHECKPOINT]",
                    help="a smaller dense model to set against the compressed one (repeatable)")
     p.add_argument("--batch-size", type=int, default=100, help="evaluation batch size")
