@@ -193,6 +193,18 @@ def _versions() -> dict:
             "safetensors": safetensors.__version__}
 
 
+class _Laps:
+    """``lap(name)`` records in ``timings`` the wall seconds since the previous lap (or creation)."""
+
+    def __init__(self, timings: dict):
+        self.timings, self.t = timings, time.perf_counter()
+
+    def __call__(self, name: str) -> None:
+        now = time.perf_counter()
+        self.timings[name] = round(now - self.t, 3)
+        self.t = now
+
+
 def _first_images(loader, n: int):
     """The loader itself when it holds <= n images (or n == 0), else its first n images as batches."""
     if n == 0 or len(loader.dataset) <= n:
@@ -264,13 +276,7 @@ def prepare(config: Config, reuse: Prepared | None = None) -> Prepared | None:
     if dev.startswith("cuda") and not torch.cuda.is_available():
         raise CompressError(f"--device {dev} asked for but CUDA is not available")
     timings: dict[str, float] = {}
-    t = time.perf_counter()
-
-    def lap(name):
-        nonlocal t
-        now = time.perf_counter()
-        timings[name] = round(now - t, 3)
-        t = now
+    lap = _Laps(timings)
 
     torch.manual_seed(cfg.seed)
     model, spec = load_model_with_spec(cfg.model, cfg.checkpoint, cfg.pretrained, data_config=cfg.data_config,
@@ -407,13 +413,7 @@ def run(config: Config, reuse: Prepared | None = None) -> RunResult | None:
     timings = {} if prep is reuse else dict(prep.timings)
     torch.set_rng_state(prep.rng_state)
     model, st, factors, loader = prep.model, prep.stats, prep.factors, prep.loader
-    t = time.perf_counter()
-
-    def lap(name):
-        nonlocal t
-        now = time.perf_counter()
-        timings[name] = round(now - t, 3)
-        t = now
+    lap = _Laps(timings)
 
     held_x = _heldout_images(cfg, prep)
     plan, sens = plan_for(cfg, prep)
