@@ -302,14 +302,19 @@ def _export_section(run: RunFiles) -> list[str]:
              f"Opset {ex.get('opset')}; every file is checked against its PyTorch reference on "
              f"{pi.get('count')} images from `{pi.get('folder')}`.", "",
              "| file | precision | MB | x dense.onnx | low-rank pairs | parity reference | max abs diff "
-             "| top-1 agree % | passed |",
-             "|---|---|---:|---:|---:|---|---:|---:|---|"]
+             "| top-1 agree % | INT8 gate: rel. L2 to float, file / fake-quant | passed |",
+             "|---|---|---:|---:|---:|---|---:|---:|---:|---|"]
     for name, f in files.items():
         par = f.get("parity") or {}
+        acc = par.get("accuracy")
+        gate = f"{acc['file_error']:.4f} / {acc['fake_quant_error']:.4f}" if acc else "-"
         lines.append(f"| {name} | {f.get('precision')} | {_num(_ratio(f.get('bytes'), MB))} "
                      f"| {_num(_ratio(f.get('bytes'), base), '.3f')} | {f.get('lowrank_pairs', '-')} "
                      f"| {par.get('reference', '-')} | {_num(par.get('max_abs'), '.2e')} "
-                     f"| {_pct(par.get('top1_agreement'), 1)} | {'yes' if par.get('passed') else 'NO'} |")
+                     f"| {_pct(par.get('top1_agreement'), 1)} | {gate} | {'yes' if par.get('passed') else 'NO'} |")
+    lines += ["", "INT8 files are gated on accuracy: their distance to the float model at most 1.25x the "
+                  "fake-quant model's (+0.005); the element-wise difference to fake-quant is reported "
+                  "(docs/design.md)."] if any((f.get("parity") or {}).get("accuracy") for f in files.values()) else []
     if ex.get("dense_is_compressed_origin") is False:
         lines += ["", "**Warning:** the dense files were rebuilt from different weights than the compressed "
                       "model's origin (see export_report.json)."]
