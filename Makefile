@@ -73,7 +73,7 @@ study: | $(SETUP)
 
 # Retrains into runs/ (the bundled weights stay as shipped); the real ViT-S/14 is converted into ~/.cache/vit-edge.
 reference-model: | $(SETUP)
-	$(PY) -m compress.train_reference $(call flags,arch:ARCH epochs:EPOCHS) \
+	$(PY) -m compress.zoo.train_reference $(call flags,arch:ARCH epochs:EPOCHS) \
 	  --out $(call q,$(or $(REF_OUT),runs/reference/$(or $(ARCH),vit_cifar_ref).safetensors))
 real-model: | $(SETUP)
 	$(PY) -m compress.zoo

@@ -70,23 +70,34 @@ def bundled_path(name: str) -> Path:
 CIFAR10_SPLITS = {"cifar10:train": "train", "cifar10:test": "test"}
 
 
-def _default_set(model, key: str, cifar: str) -> str | Path:
-    """A model's default image set: the one its pretrained_cfg's ``key`` names (the bundled CIFAR
-    models and the zoo set theirs), else the bundled ImageNet images. A bare timm name (no model
-    built yet) falls back on the bundled models' name."""
+def _pretrained_cfg(model) -> dict:
+    """A built model's pretrained_cfg, or for a timm name the one registered with timm (None for
+    names without one, e.g. an entry point)."""
     if isinstance(model, str):
-        return bundled_path(cifar if model.startswith("vit_cifar") else "imagenet")
-    name = (getattr(model, "pretrained_cfg", None) or {}).get(key)
+        from timm.models import get_pretrained_cfg
+
+        try:
+            cfg = get_pretrained_cfg(model)
+        except RuntimeError:   # a name timm reads as 'arch.tag' with an unknown tag
+            return {}
+        return cfg.to_dict() if cfg is not None else {}
+    return getattr(model, "pretrained_cfg", None) or {}
+
+
+def _default_set(model, key: str) -> str | Path:
+    """A model's default image set: the one its pretrained_cfg's ``key`` names (the zoo models set
+    theirs), else the bundled ImageNet images."""
+    name = _pretrained_cfg(model).get(key)
     return bundled_path(name) if name in BUNDLED else (name or bundled_path("imagenet"))
 
 
 def default_calibration_for(model) -> str | Path:
     """The calibration set that matches a model's training data (a model, or a timm name)."""
-    return _default_set(model, "calibration", "cifar10-calib")
+    return _default_set(model, "calibration")
 
 
 def default_evaluation_for(model) -> str | Path:
-    return _default_set(model, "evaluation", "cifar10-eval")
+    return _default_set(model, "evaluation")
 
 
 def is_spec(path) -> bool:

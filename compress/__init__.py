@@ -18,7 +18,7 @@ it touches no data and no CUDA. The stage in one call, and its steps one by one:
 ``run(cfg, reuse=result.prepared)`` runs another budget on the same statistics and factors;
 ``Config(plan=DIR)`` / ``--plan DIR`` re-applies a saved plan (``load_plan``).
 """
-from . import distributed, latency, reference_model, zoo  # noqa: F401  (reference_model, zoo: register their models with timm)
+from . import distributed, latency, zoo  # noqa: F401  (zoo: registers its models with timm)
 from .allocate import ALLOCATIONS, Budget, LayerPlan, Plan
 from .artifact import fingerprint, load_compressed, load_dense, read_manifest, save_compressed
 from .compensate import compensate_

@@ -25,7 +25,7 @@ from torch import nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from . import reference_model  # noqa: F401  (registers the bundled models)
+from . import zoo  # noqa: F401  (registers the bundled models)
 from .errors import CompressError
 from .lowrank import LowRankLinear, lowrank_layers, replace_module_
 from .models import adapter_for, apply_preprocessing, build_raw, load_from_spec, resolve_preprocessing

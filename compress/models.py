@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import reference_model
+from . import zoo
 from .adapters import Adapter, find_adapter, supported
 from .errors import CompressError
 from .options import INTERPOLATIONS, POS_INTERPOLATIONS
@@ -369,16 +369,14 @@ def load_model_with_spec(name: str, checkpoint: str | Path | None = None, pretra
         import timm
 
         check_model_name(name)
-        from . import zoo
-
-        bundled = name in reference_model.ARCHS
+        bundled = name in zoo.reference.ARCHS
         if checkpoint is None and pretrained is None:
-            pretrained = (bundled and reference_model.weights_path(name).is_file()) or (
+            pretrained = (bundled and zoo.reference.weights_path(name).is_file()) or (
                 name in zoo.MODELS and zoo.MODELS[name]())
             if bundled and not pretrained:
                 log.warning("no bundled weights for %s at %s: using random init "
                             "(train them with `make reference-model` or pass --checkpoint)",
-                            name, reference_model.weights_path(name))
+                            name, zoo.reference.weights_path(name))
             elif name in zoo.MODELS and not pretrained:
                 log.warning("%s is not prepared on this machine: using random init (run `make real-model`)", name)
         pretrained = bool(pretrained)
@@ -423,9 +421,7 @@ def _create(timm, name: str, pretrained: bool, kwargs: dict) -> nn.Module:
     try:
         return timm.create_model(name, pretrained=pretrained, **kwargs)
     except FileNotFoundError as e:
-        from . import zoo
-
-        if name in reference_model.ARCHS or name in zoo.MODELS:  # local weights missing: say how to make them
+        if name in zoo.reference.ARCHS or name in zoo.MODELS:  # local weights missing: say how to make them
             raise CompressError(str(e)) from None
         raise CompressError(_hub_message(name, e)) from None
     except (TypeError, ValueError, AssertionError) as e:  # bad keyword or value for this architecture

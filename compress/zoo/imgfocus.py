@@ -18,7 +18,7 @@ After ``import compress`` the model is a timm model like any other::
     timm.create_model("vit_small_patch14_imgfocus", pretrained=True)   # converted backbone + CIFAR-10 head
 
 The head is a linear probe trained here on the frozen CLS features of CIFAR-10 training images
-(``python -m compress.zoo.probe``); it ships in ``compress/weights`` with its card.
+(``python -m compress.zoo.probe``); it ships in ``compress/zoo/weights`` with its card.
 """
 from __future__ import annotations
 
@@ -36,11 +36,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from timm.models import register_model
+from timm.models import generate_default_cfgs, register_model
 from timm.models.vision_transformer import VisionTransformer
 
 from ..errors import CompressError
-from ..reference_model import CIFAR10_CLASSES, WEIGHTS_DIR
+from .pretrained import ZooCfg, pretrained_cfg
+from .reference import CIFAR10_CLASSES, WEIGHTS_DIR
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,9 @@ def data_config() -> dict:
                 architecture=NAME)
 
 
+default_cfgs = generate_default_cfgs({NAME: ZooCfg(**data_config())})
+
+
 def build(pretrained: bool = False, **kwargs) -> VisionTransformer:
     """The ViT-S/14 at 224 px with a 10-class CLS head; ``pretrained`` loads backbone (cache) + head (bundled)."""
     for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
@@ -88,7 +92,7 @@ def build(pretrained: bool = False, **kwargs) -> VisionTransformer:
     args = dict(img_size=IMG_SIZE, num_classes=len(CIFAR10_CLASSES), global_pool="token", **ARCH)
     args.update(kwargs)
     model = VisionTransformer(**args)
-    cfg = data_config()
+    cfg = pretrained_cfg(NAME)
     if args["num_classes"] != len(CIFAR10_CLASSES):
         cfg.update(num_classes=args["num_classes"], label_names=None)
     model.pretrained_cfg = model.default_cfg = cfg

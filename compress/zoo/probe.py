@@ -4,7 +4,7 @@
 ``--train`` CIFAR-10 training images (balanced, seeded) and ``--test`` test images, caches them,
 fits multinomial logistic regression (L-BFGS, float64, L2 chosen on a held-out tenth of the
 training features), scores both feature choices on the test features, and writes the CLS head to
-``compress/weights/vit_small_patch14_imgfocus.head.safetensors`` with a card (``.md``) and the
+``compress/zoo/weights/vit_small_patch14_imgfocus.head.safetensors`` with a card (``.md``) and the
 figures (``.json``). The head is CLS-only because that is what timm's ``global_pool="token"`` feeds
 the classifier: the shipped model stays a stock ``VisionTransformer``, so every stage (export,
 QDQ, TensorRT) runs it unchanged; the card reports the CLS+mean-patch probe beside it.

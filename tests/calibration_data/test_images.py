@@ -4,8 +4,8 @@ import timm
 import torch
 from PIL import Image
 
-import compress.reference_model  # noqa: F401  (registers vit_cifar_ref)
-from calibration_data import (CalibrationDataError, bundled_path, default_calibration_for,
+import compress.zoo  # noqa: F401  (registers the zoo models and their pretrained_cfgs with timm)
+from calibration_data import (CalibrationDataError, bundled_path, default_calibration_for, default_evaluation_for,
                               load_image_set, make_loader)
 
 
@@ -58,6 +58,16 @@ def test_errors_are_one_line(tmp_path):
     assert "\n" not in str(err.value)
 
 
-def test_default_calibration_matches_model_family():
+def test_default_sets_are_the_ones_the_pretrained_cfg_names():
+    # by timm name: the cfg registered with timm (the zoo's name theirs, timm's own name none)
     assert default_calibration_for("vit_cifar_ref") == bundled_path("cifar10-calib")
+    assert default_evaluation_for("vit_cifar_narrow") == bundled_path("cifar10-eval")
+    assert default_calibration_for("vit_small_patch14_imgfocus") == "cifar10:train"
     assert default_calibration_for("deit_small_patch16_224") == bundled_path("imagenet")
+    # data, not names: a look-alike name without a registered cfg, and a model whose cfg names a set
+    assert default_calibration_for("vit_cifar_unregistered") == bundled_path("imagenet")
+    plain = torch.nn.Linear(2, 2)
+    assert default_evaluation_for(plain) == bundled_path("imagenet")
+    plain.pretrained_cfg = {"calibration": "cifar10-calib", "evaluation": "cifar10:test"}
+    assert default_calibration_for(plain) == bundled_path("cifar10-calib")
+    assert default_evaluation_for(plain) == "cifar10:test"

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from compress.__main__ import get_parser, main
-from compress.reference_model import weights_path
+from compress.zoo.reference import weights_path
 
 ROOT = Path(__file__).resolve().parents[2]
 

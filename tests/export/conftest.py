@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import compress.reference_model as ref
+from compress.zoo import reference as ref
 from compress.quantize import calibrate_activations
 from export_testlib import compress_like, tiny_vit
 

@@ -6,7 +6,7 @@ import copy
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
-import compress.reference_model as ref
+from compress.zoo import reference as ref
 from compress.lowrank import LowRankLinear, lowrank_layers, replace_module_
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=10)

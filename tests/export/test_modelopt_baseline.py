@@ -9,7 +9,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-import compress.reference_model as ref
+from compress.zoo import reference as ref
 from export.errors import ExportError
 from export.modelopt_baseline import (FILENAME, ModeloptSettings, calibration_images, modelopt_int8,
                                       modelopt_version, qdq_summary, quantize_arguments)

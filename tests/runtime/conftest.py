@@ -58,7 +58,7 @@ def exporter():
 def ref_model():
     import timm
 
-    import compress.reference_model  # noqa: F401  (registers vit_cifar_ref with timm)
+    import compress.zoo  # noqa: F401  (registers vit_cifar_ref with timm)
 
     torch.manual_seed(0)
     return timm.create_model("vit_cifar_ref", pretrained=False).eval()
@@ -76,7 +76,7 @@ def tiny_export_dir(tmp_path_factory) -> Path:
     import timm
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    import compress.reference_model  # noqa: F401
+    import compress.zoo  # noqa: F401
 
     torch.manual_seed(0)
     dense = timm.create_model("vit_cifar_ref", pretrained=False, depth=2).eval()

@@ -46,7 +46,7 @@ def test_table_widths_stop_at_the_parameter_break_even():
 def tiny_table(tmp_path_factory):
     import timm
 
-    import compress.reference_model  # noqa: F401
+    import compress.zoo  # noqa: F401
 
     torch.manual_seed(0)
     model = timm.create_model("vit_cifar_ref", pretrained=False, **TINY_VIT).eval()

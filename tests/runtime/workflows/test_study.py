@@ -8,7 +8,7 @@ import pytest
 import timm
 from safetensors.torch import save_file
 
-import compress.reference_model  # noqa: F401  (registers vit_cifar_*)
+import compress.zoo  # noqa: F401  (registers vit_cifar_*)
 from runtime.workflows import study
 from runtime.errors import RuntimeStageError
 

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from timm.models import register_model
+from timm.models import generate_default_cfgs, register_model
 from timm.models.vision_transformer import VisionTransformer
+
+from .pretrained import ZooCfg, pretrained_cfg
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
@@ -37,6 +39,9 @@ def data_config() -> dict:
                 num_classes=10, label_names=CIFAR10_CLASSES, calibration="cifar10-calib", evaluation="cifar10-eval")
 
 
+default_cfgs = generate_default_cfgs({name: ZooCfg(**data_config(), architecture=name) for name in ARCHS})
+
+
 def weights_path(name: str) -> Path:
     return WEIGHTS_DIR / f"{name}.safetensors"
 
@@ -48,10 +53,7 @@ def build(name: str, pretrained: bool = False, **kwargs) -> VisionTransformer:
     args = dict(img_size=32, patch_size=4, num_classes=10, **ARCHS[name])
     args.update(kwargs)
     model = VisionTransformer(**args)
-    cfg = data_config()
-    cfg["architecture"] = name
-    model.pretrained_cfg = cfg
-    model.default_cfg = cfg
+    model.pretrained_cfg = model.default_cfg = pretrained_cfg(name)
     if pretrained:
         path = weights_path(name)
         if not path.is_file():

@@ -1,4 +1,4 @@
-"""Train a reference CIFAR-10 ViT on the CPU: `python -m compress.train_reference`.
+"""Train a reference CIFAR-10 ViT on the CPU: `python -m compress.zoo.train_reference`.
 
 Recipe (chosen for a short CPU budget): AdamW, linear warm-up then cosine decay, label
 smoothing 0.1, random crop (reflect pad 4) + horizontal flip applied to whole uint8
@@ -21,13 +21,13 @@ import torch.nn.functional as F
 
 from calibration_data import load_cifar10
 from cliutil import atomic_path, write_json
-from compress import reference_model
-from compress.reference_model import CIFAR10_MEAN, CIFAR10_STD
+from compress.zoo import reference
+from compress.zoo.reference import CIFAR10_MEAN, CIFAR10_STD
 
 
 def get_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m compress.train_reference", description=__doc__.split("\n")[0])
-    p.add_argument("--arch", default="vit_cifar_ref", choices=sorted(reference_model.ARCHS))
+    p = argparse.ArgumentParser(prog="python -m compress.zoo.train_reference", description=__doc__.split("\n")[0])
+    p.add_argument("--arch", default="vit_cifar_ref", choices=sorted(reference.ARCHS))
     p.add_argument("--epochs", type=int, default=9)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -40,7 +40,7 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--work-dir", type=Path, default=Path("runs/reference"),
                    help="checkpoints and the per-epoch log")
     p.add_argument("--out", type=Path, default=None,
-                   help="final safetensors (default: compress/weights/<arch>.safetensors)")
+                   help="final safetensors (default: compress/zoo/weights/<arch>.safetensors)")
     return p
 
 
@@ -97,7 +97,7 @@ def train(args: argparse.Namespace) -> dict:
     np.random.seed(args.seed)
     xtr, ytr = (torch.from_numpy(a) for a in load_cifar10("train"))
     xte, yte = (torch.from_numpy(a) for a in load_cifar10("test"))
-    model = reference_model.build(args.arch)
+    model = reference.build(args.arch)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "pos_embed" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "pos_embed" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
@@ -155,7 +155,7 @@ def train(args: argparse.Namespace) -> dict:
 
     from safetensors.torch import save_file
 
-    out = args.out or reference_model.weights_path(args.arch)
+    out = args.out or reference.weights_path(args.arch)
     with atomic_path(out) as tmp:
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp),
                   metadata={"arch": args.arch, "epochs": str(args.epochs), "seed": str(args.seed),

@@ -7,15 +7,16 @@ from pathlib import Path
 import pytest
 from safetensors import safe_open
 
-from compress import load_model, reference_model
+from compress import load_model
+from compress.zoo import reference
 from calibration_data import make_loader
 from runtime.evaluate import evaluate, resolve_data, torch_variant
 
 
 @pytest.mark.parametrize("arch", ["vit_cifar_ref", "vit_cifar_narrow"])
 def test_bundled_weights_reproduce_the_stated_accuracy(arch):
-    card = json.loads((Path(reference_model.WEIGHTS_DIR) / f"{arch}.json").read_text())
-    path = reference_model.weights_path(arch)
+    card = json.loads((Path(reference.WEIGHTS_DIR) / f"{arch}.json").read_text())
+    path = reference.weights_path(arch)
     with safe_open(str(path), "pt") as f:                   # the training run's own record agrees
         assert float(f.metadata()["test_top1"]) == card["cifar10_test_top1"]
     model = load_model(arch)                       # bundled weights, no checkpoint given

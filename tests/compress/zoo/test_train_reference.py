@@ -15,7 +15,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from calibration_data import bundled_path
-from compress import reference_model, train_reference
+from compress.zoo import reference, train_reference
 
 
 def _as_arrays(folder, limit):
@@ -33,7 +33,7 @@ def tiny_recipe(monkeypatch):
     data = {"train": _as_arrays(bundled_path("cifar10-calib"), 500),
             "test": _as_arrays(bundled_path("cifar10-eval"), 256)}
     monkeypatch.setattr(train_reference, "load_cifar10", lambda split: data[split])
-    monkeypatch.setitem(reference_model.ARCHS, "vit_cifar_narrow",
+    monkeypatch.setitem(reference.ARCHS, "vit_cifar_narrow",
                         dict(embed_dim=32, depth=1, num_heads=2, mlp_ratio=2.0))
 
 
@@ -51,7 +51,7 @@ def test_training_learns_and_writes_loadable_weights(tiny_recipe, tmp_path):
     assert hist[-1]["train_loss"] < hist[0]["train_loss"]
     assert hist[-1]["test_top1"] > 0.15          # 10 classes: chance is 0.10
     state = load_file(result["weights"])
-    model = reference_model.build("vit_cifar_narrow")
+    model = reference.build("vit_cifar_narrow")
     model.load_state_dict(state)                  # strict: every tensor present, shapes right
     log = json.loads((tmp_path / "run" / "vit_cifar_narrow.log.json").read_text())
     assert log["history"] == hist
