@@ -124,6 +124,18 @@ def interleaved_schedule(names: list[str], repeats: int) -> Iterator[tuple[int, 
             yield r, names[(r + i) % n]
 
 
+def interleaved_medians(backends: dict, x: np.ndarray, warmup: int, repeats: int, burst: int = 1) -> dict:
+    """Median milliseconds per backend on ``x``: each warmed up, then timed in one interleaved run
+    (interleaved_schedule); each sample is the fastest of ``burst`` back-to-back runs (burst > 1
+    resists a shared CPU)."""
+    for b in backends.values():
+        b.time_runs(x, warmup)
+    times = {k: [] for k in backends}
+    for _, k in interleaved_schedule(list(backends), repeats):
+        times[k].append(min(backends[k].time_runs(x, burst)))
+    return {k: float(np.median(t)) * 1e3 for k, t in times.items()}
+
+
 def latency_stats(seconds: list[float], batch_size: int) -> dict:
     """Percentiles in milliseconds (linear interpolation) and throughput in images/s (from the mean)."""
     ms = np.asarray(seconds, dtype=np.float64) * 1e3

@@ -22,7 +22,6 @@ import argparse
 import datetime
 import logging
 import tempfile
-from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -112,22 +111,17 @@ def _time_group(paths: dict, backend_kind: str, options: dict, batch: int, rows:
                 warmup: int, repeats: int, seed: int) -> dict:
     """Median ms of each file (key -> path), all opened at once and timed interleaved."""
     from runtime.backends import open_backend
-    from runtime.benchmark import interleaved_schedule
+    from runtime.benchmark import interleaved_medians
 
     x = np.random.default_rng(seed).standard_normal((batch, rows, n), dtype=np.float32)
     backends = {}
     try:
         for key, path in paths.items():
             backends[key] = open_backend(backend_kind, path, **options)
-        for b in backends.values():
-            b.time_runs(x, warmup)
-        times = defaultdict(list)
-        for _, key in interleaved_schedule(list(backends), repeats):
-            times[key].append(min(backends[key].time_runs(x, BURST)))
+        return interleaved_medians(backends, x, warmup, repeats, BURST)
     finally:
         for b in backends.values():
             b.close()
-    return {k: float(np.median(v)) * 1e3 for k, v in times.items()}
 
 
 def measure_layers(shapes: set[tuple[int, int, int]], backend: str, options: dict, batches, precisions,
@@ -182,7 +176,7 @@ def measure_rest(model, layer_shapes_: dict, timings: list, backend: str, option
 
     from compress import latency
     from runtime.backends import open_backend
-    from runtime.benchmark import interleaved_schedule
+    from runtime.benchmark import interleaved_medians
 
     index = {t.key: t for t in timings}
     rest, whole = {}, {}
@@ -196,13 +190,9 @@ def measure_rest(model, layer_shapes_: dict, timings: list, backend: str, option
             shape = next(iter(backends.values())).input_shape()
             for b in batches:
                 x = np.random.default_rng(0).standard_normal((b, *shape[1:]), dtype=np.float32)
-                for be in backends.values():
-                    be.time_runs(x, warmup)
-                times = defaultdict(list)
-                for _, p in interleaved_schedule(list(backends), repeats):
-                    times[p].append(min(backends[p].time_runs(x, BURST)))
+                medians = interleaved_medians(backends, x, warmup, repeats, BURST)
                 for p in backends:
-                    ms = float(np.median(times[p])) * 1e3
+                    ms = medians[p]
                     layers = sum(index[(m, n, rows, p, b)].dense_ms for m, n, rows in layer_shapes_.values())
                     whole[latency.rest_key(p, b)] = ms
                     if ms < layers:

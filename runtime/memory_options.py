@@ -37,7 +37,7 @@ OPTION_SETS = {
 def study(onnx_dir, names: list[str], threads: int | None = 2, batch_sizes=(1,), sets=tuple(OPTION_SETS),
           warmup: int = 3, repeats: int = 20) -> dict:
     from runtime.backends import open_backend, thread_options
-    from runtime.benchmark import BENCH_FILES, interleaved_schedule
+    from runtime.benchmark import BENCH_FILES, interleaved_medians
     from runtime.memory import inspect_onnx, measure_in_subprocess
 
     onnx_dir = Path(onnx_dir)
@@ -60,13 +60,8 @@ def study(onnx_dir, names: list[str], threads: int | None = 2, batch_sizes=(1,),
         shape = next(iter(backends.values())).input_shape()
         for bs in batch_sizes:
             x = np.random.default_rng(0).standard_normal((bs, *shape[1:]), dtype=np.float32)
-            for b in backends.values():
-                b.time_runs(x, warmup)
-            times = {k: [] for k in backends}
-            for _, k in interleaved_schedule(list(backends), repeats):
-                times[k].extend(backends[k].time_runs(x, 1))
-            for k, t in times.items():
-                rows[k]["latency_ms"][str(bs)] = float(np.median(t)) * 1e3
+            for k, ms in interleaved_medians(backends, x, warmup, repeats).items():
+                rows[k]["latency_ms"][str(bs)] = ms
     finally:
         for b in backends.values():
             b.close()
