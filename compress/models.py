@@ -135,13 +135,19 @@ def run_stage(model: nn.Module, stage: str, x: torch.Tensor) -> torch.Tensor:
     return model.get_submodule(stage)(x)
 
 
-def features_and_logits(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The final features the classifier reads (pooled, normalised; the CLS token for a ViT) and the
-    logits, or None for a headless model (num_classes=0)."""
+def final_tokens(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The last block's output (every token, before the final norm) of preprocessed images."""
     a = _ready(model)
     h = a.embed(model, x)
     for stage in a.stage_names(model):
         h = model.get_submodule(stage)(h)
+    return h
+
+
+def features_and_logits(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The final features the classifier reads (pooled, normalised; the CLS token for a ViT) and the
+    logits, or None for a headless model (num_classes=0)."""
+    a, h = _ready(model), final_tokens(model, x)
     return a.features(model, h), (a.tail(model, h) if a.head_names(model) else None)
 
 

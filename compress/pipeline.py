@@ -32,7 +32,7 @@ from .allocate import allocate as allocate_ranks
 from .artifact import save_compressed
 from .compensate import compensate_
 from .errors import CompressError
-from .finetune import distill_
+from .finetune import DEFAULT_TARGET, TARGETS, distill_
 from .lowrank import LowRankLinear, replace_module_
 from .models import compressible_layers, count_params, load_model_with_spec, weights_fingerprint
 from .quantize import ACT_SCHEME, WEIGHT_SCHEME, fake_quant_error, model_outputs, output_error, ranges_from_states
@@ -87,6 +87,7 @@ class Config:
     refine_damping: float = 1e-2         # ridge of the refinement's C~, relative to its mean diagonal
     finetune_steps: int = 0              # distillation steps on the calibration images (0: off, the paper's setting)
     finetune_lr: float = 3e-5
+    finetune_target: str = DEFAULT_TARGET   # what the distillation matches: the final features or the logits
     alpha: float = 0.5                   # exponent of the diag variant
     damping: float = DEFAULT_DAMPING     # whitening lambda relative to the mean Gram diagonal
     comp_damping: float = DEFAULT_DAMPING  # ridge of the compensation fit, relative to mean(diag C~)
@@ -127,6 +128,8 @@ class Config:
             raise CompressError("--recon-lr must be > 0 and --refine-damping >= 0")
         if not self.finetune_lr > 0:
             raise CompressError(f"--finetune-lr must be > 0, got {self.finetune_lr}")
+        if self.finetune_target not in TARGETS:
+            raise CompressError(f"unknown --finetune-target {self.finetune_target!r}; use {' or '.join(TARGETS)}")
         if not self.damping >= 0 or not self.alpha >= 0 or not self.comp_damping >= 0:
             raise CompressError("--damping, --comp-damping and --alpha must be >= 0")
         if self.device != "cpu" and not self.device.startswith(("cuda", "mps")):
@@ -252,8 +255,9 @@ class Prepared:
 
 
 def _check_outputs(cfg: Config, spec) -> None:
-    if cfg.finetune_steps > 0 and spec.outputs != "logits":
-        raise CompressError("--finetune-steps distils the dense model's logits; this model is headless")
+    if cfg.finetune_steps > 0 and cfg.finetune_target == "logits" and spec.outputs != "logits":
+        raise CompressError("--finetune-target logits needs a classifier; this model is headless: use "
+                            "--finetune-target features")
 
 
 def prepare(config: Config, reuse: Prepared | None = None) -> Prepared | None:
@@ -326,7 +330,7 @@ def prepare(config: Config, reuse: Prepared | None = None) -> Prepared | None:
 
 def _heldout_images(cfg: Config, prep: Prepared) -> list[torch.Tensor]:
     """The ``cfg.heldout`` images drawn after the calibration ones (never fitted on), as batches."""
-    n = cfg.heldout if cfg.refines or cfg.comp_rank > 0 else 0
+    n = cfg.heldout if cfg.refines or cfg.comp_rank > 0 or cfg.finetune_steps > 0 else 0
     if n == 0:
         return []
     try:
@@ -452,7 +456,7 @@ def run(config: Config, reuse: Prepared | None = None) -> RunResult | None:
     finetune = None
     if cfg.finetune_steps > 0 and pairs:
         finetune = distill_(model, compressed, loader, cfg.finetune_steps, lr=cfg.finetune_lr, seed=cfg.seed,
-                            device=dev, batch_size=cfg.batch_size)
+                            device=dev, batch_size=cfg.batch_size, target=cfg.finetune_target, heldout=held_x)
         lap("finetune")
     elif cfg.finetune_steps > 0:
         log.warning("fine-tuning skipped: no layer was factorised")

@@ -8,14 +8,26 @@ def _f(x, fmt="{:.4f}") -> str:
     return "n/a" if x is None else fmt.format(x)
 
 
+def finetune_outcome(ft: dict) -> str:
+    """What recovery fine-tuning achieved, in one phrase: held-out loss and cosine, KL on the calibration images."""
+    parts = []
+    if "heldout_loss_before" in ft:
+        c0, c1 = ft["heldout_cosine_before"]["mean"], ft["heldout_cosine_after"]["mean"]
+        parts.append(f"held-out {ft['target']} loss {ft['heldout_loss_before']:.3g} -> {ft['heldout_loss_best']:.3g} "
+                     f"(best step {ft['best_step']}; final-feature cosine {c0:.4f} -> {c1:.4f}"
+                     + ("" if ft["kept"] else "; did not pay, factors kept as they were") + ")")
+    if "kl_before" in ft:
+        parts.append(f"KL to the dense model {ft['kl_before']:.3g} -> {ft['kl_after']:.3g}")
+    return "; ".join(parts)
+
+
 def _finetune_lines(ft: dict | None) -> list[str]:
     """One line when recovery fine-tuning was applied (beyond the paper), with its cost."""
     if not ft:
         return []
-    return [f"- **fine-tuned** (beyond the paper): {ft['steps']} distillation steps (lr {ft['lr']:g}) on the "
-            f"{ft['images']} calibration images in {ft['seconds']:.1f} s; KL to the dense model "
-            f"{ft['kl_before']:.3g} -> {ft['kl_after']:.3g}. Layer errors below are before fine-tuning; "
-            "outputs and INT8 ranges are after."]
+    return [f"- **fine-tuned** (beyond the paper): {ft['steps']} distillation steps ({ft.get('target', 'logits')} "
+            f"target, lr {ft['lr']:g}) on the {ft['images']} calibration images in {ft['seconds']:.1f} s; "
+            f"{finetune_outcome(ft)}. Layer errors below are before fine-tuning; outputs and INT8 ranges are after."]
 
 
 def _model_lines(m: dict) -> list[str]:

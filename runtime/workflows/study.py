@@ -49,7 +49,9 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "seq": ("+ sequential refit (held-out validated)", dict(seq_refit=True)),
     "recon": ("+ block reconstruction (held-out validated)", dict(recon_steps=-1)),
     "seq+recon": ("+ sequential refit + block reconstruction", dict(seq_refit=True, recon_steps=-1)),
-    "distill": ("+ distillation fine-tuning", dict(finetune_steps=-1)),
+    "distill": ("+ sequential refit + feature distillation", dict(seq_refit=True, finetune_steps=-1)),
+    "distill-logits": ("+ sequential refit + logit distillation", dict(seq_refit=True, finetune_steps=-1,
+                                                                        finetune_target="logits")),
 }
 # -1 above: the study's --recon-steps / --finetune-steps
 
@@ -79,7 +81,7 @@ class StudyConfig:
     checkpoint: str | None = None
     pretrained: bool | None = None
     calib: str | None = None
-    num_calib: int = 256
+    num_calib: int = config_defaults()["num_calib"]
     data: str | None = None
     num: int | None = None
     ratios: tuple[float, ...] = (0.4, 0.5, 0.6, 0.7)

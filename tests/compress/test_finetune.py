@@ -48,7 +48,8 @@ def test_distillation_strictly_lowers_kl_and_touches_only_the_factors(models):
     model = copy.deepcopy(compressed)
     before_sd = {k: v.clone() for k, v in model.state_dict().items()}
     kl0 = float(kl_to_dense(_logits(model, batches), _logits(dense, batches)))
-    info = distill_(dense, model, batches, steps=30, lr=1e-4, temperature=1.0, seed=0, device="cpu")
+    info = distill_(dense, model, batches, steps=30, lr=1e-4, temperature=1.0, seed=0, device="cpu",
+                   target="logits")
     kl1 = float(kl_to_dense(_logits(model, batches), _logits(dense, batches)))
     assert kl1 < kl0 and info["kl_after"] < info["kl_before"]
     assert info["kl_before"] == pytest.approx(kl0, rel=1e-5) and info["kl_after"] == pytest.approx(kl1, rel=1e-5)
@@ -72,7 +73,7 @@ def test_same_seed_is_bit_identical_other_seed_is_not(models):
     for seed in (0, 0, 1):
         m = copy.deepcopy(compressed)
         info = distill_(dense, m, batches, steps=8, lr=1e-3, temperature=2.0, seed=seed, device="cpu",
-                        mse_weight=0.1)
+                        mse_weight=0.1, target="logits")
         runs.append((m.state_dict(), info))
     (a, ia), (b, ib), (c, _) = runs
     assert all(torch.equal(a[k], b[k]) for k in a) and ia["loss_last"] == ib["loss_last"]
@@ -146,3 +147,56 @@ def test_config_and_cli_validate_finetune_options():
         Config(model="m", out="o", ratio=0.5, finetune_steps=-1)
     with pytest.raises(CompressError, match="finetune-lr"):
         Config(model="m", out="o", ratio=0.5, finetune_lr=0)
+
+
+def _feature_loss(model, dense, batches):
+    from compress.finetune import _outputs, feature_loss
+
+    with torch.no_grad():
+        return float(torch.stack([feature_loss(_outputs(model, x, "features"), _outputs(dense, x, "features"))
+                                  for x, _ in batches]).mean())
+
+
+def test_feature_target_lowers_the_heldout_feature_loss_and_keeps_the_best_iterate(models):
+    dense, compressed, batches = models
+    fit, held = batches[:1], batches[1:]
+    m = copy.deepcopy(compressed)
+    loss0 = _feature_loss(m, dense, held)
+    info = distill_(dense, m, fit, steps=12, lr=3e-4, seed=0, device="cpu", target="features", heldout=held,
+                    eval_every=3)
+    assert info["target"] == "features" and info["kept"] and info["heldout_images"] == 8
+    assert info["heldout_loss_before"] == pytest.approx(loss0, rel=1e-4)
+    assert info["heldout_loss_best"] < info["heldout_loss_before"]
+    assert [s for s, _ in info["heldout_checks"]] == [3, 6, 9, 12]
+    best_step, best = min(info["heldout_checks"], key=lambda c: c[1])
+    assert info["best_step"] == best_step and info["heldout_loss_best"] == best
+    # the model holds the best iterate: its held-out loss is the reported one
+    assert _feature_loss(m, dense, held) == pytest.approx(best, rel=1e-4)
+    assert info["heldout_cosine_after"]["mean"] > info["heldout_cosine_before"]["mean"]
+
+
+def test_fine_tuning_that_never_pays_on_heldout_images_leaves_the_factors_untouched(models):
+    dense, compressed, batches = models
+    m = copy.deepcopy(compressed)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    # a learning rate far too large: every held-out check is worse than the start
+    info = distill_(dense, m, batches[:1], steps=4, lr=0.3, seed=0, device="cpu", target="features",
+                    heldout=batches[1:], eval_every=1)
+    assert not info["kept"] and info["best_step"] == 0
+    assert all(v > info["heldout_loss_before"] for _, v in info["heldout_checks"])
+    assert all(torch.equal(m.state_dict()[k], v) for k, v in before.items())
+
+
+def test_feature_target_fine_tunes_a_headless_model_and_logits_target_refuses_it(tiny_config, tmp_path):
+    from compress.pipeline import run
+
+    kw = dict(quant=False, ratio=0.5, finetune_steps=3, finetune_lr=1e-4, heldout=8,
+              model_kwargs=dict(TINY_VIT, num_classes=0))
+    res = run(tiny_config(out=str(tmp_path / "f"), **kw))
+    ft = res.manifest["finetune"]
+    assert ft["target"] == "features" and "kl_before" not in ft and ft["heldout_images"] == 8
+    assert "held-out features loss" in (res.out / "report.md").read_text()
+    with pytest.raises(CompressError, match="headless.*--finetune-target features"):
+        run(tiny_config(out=str(tmp_path / "l"), finetune_target="logits", **kw))
+    with pytest.raises(CompressError, match="finetune-target"):
+        tiny_config(finetune_target="tokens")
