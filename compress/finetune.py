@@ -28,6 +28,7 @@ from typing import Iterable
 import torch
 from torch import nn
 from torch.nn import functional as F
+from tqdm import tqdm
 
 from .errors import CompressError
 from .lowrank import lowrank_layers
@@ -76,8 +77,6 @@ def distill_(dense: nn.Module, compressed: nn.Module, batches: Iterable, steps: 
     defaults to the size of its first batch. Raises CompressError if the loss turns NaN/Inf
     (the factors are restored first) or if the model has no low-rank layers.
     """
-    from tqdm import tqdm
-
     if steps < 1:
         raise CompressError(f"fine-tuning needs steps >= 1, got {steps}")
     if not lr > 0 or not temperature > 0 or not mse_weight >= 0:

@@ -26,6 +26,8 @@ import hashlib
 import json
 import os
 import platform
+import shutil
+import subprocess
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -172,9 +174,6 @@ def simd_flags(flags) -> list[str]:
 
 
 def gpu_names() -> list[str]:
-    import shutil
-    import subprocess
-
     smi = shutil.which("nvidia-smi")
     if smi is None:
         return []
