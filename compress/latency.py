@@ -26,13 +26,13 @@ import hashlib
 import json
 import os
 import platform
-import shutil
-import subprocess
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
 
 import numpy as np
+
+from cliutil import nvidia_smi_gpus
 
 from .errors import CompressError
 
@@ -174,15 +174,8 @@ def simd_flags(flags) -> list[str]:
 
 
 def gpu_names() -> list[str]:
-    smi = shutil.which("nvidia-smi")
-    if smi is None:
-        return []
-    try:
-        out = subprocess.run([smi, "--query-gpu=name,driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return []
-    return [line.strip() for line in out.stdout.splitlines() if line.strip()] if out.returncode == 0 else []
+    """"<name>, <driver>" per GPU (the form earlier tables' fingerprints were computed from)."""
+    return [f"{g['name']}, {g['driver']}" for g in nvidia_smi_gpus()]
 
 
 def library_versions() -> dict:
