@@ -476,7 +476,7 @@ class HFImageModel(nn.Module):
 
 
 def _hf_classes():
-    from transformers import Dinov2Model, ViTForImageClassification, ViTModel
+    from transformers import Dinov2Model, ViTForImageClassification, ViTModel  # lazy: the optional [hf] extra
 
     return ViTModel, ViTForImageClassification, Dinov2Model
 

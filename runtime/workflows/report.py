@@ -402,8 +402,7 @@ def plot_points(points: list[EvalPoint]) -> list[EvalPoint]:
 
 def plot_accuracy_vs_size(points: list[EvalPoint], title: str = "") -> bytes | None:
     """PNG: top-1 against parameters and against file bytes, one point per variant (None if none)."""
-
-    import matplotlib
+    import matplotlib  # lazy: a slow import, needed only to draw
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

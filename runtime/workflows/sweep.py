@@ -271,8 +271,7 @@ def render_markdown(doc: dict) -> str:
 
 def plot(doc: dict) -> bytes:
     """PNG: top-1 against parameters, file bytes and (when measured) latency; Pareto front dashed."""
-
-    import matplotlib
+    import matplotlib  # lazy: a slow import, needed only to draw
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
