@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cliutil import nvidia_smi_gpus
+from cliutil import nvidia_smi_gpus, write_json
 
 from .errors import CompressError
 
@@ -124,10 +124,7 @@ class LatencyTable:
     def save(self, path) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
-        os.replace(tmp, path)
-        return path
+        return write_json(path, self.to_dict(), indent=1)
 
 
 def rest_key(precision: str, batch: int) -> str:

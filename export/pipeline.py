@@ -243,7 +243,7 @@ def export_compressed(compressed_dir, out_dir, options: ExportOptions | None = N
 def modelopt_file(tmp: Path, manifest: dict, dense, batches, threads: int, outputs: str) -> dict:
     """ModelOpt's INT8 of ``tmp/dense.onnx`` (the peer baseline): its stats, and its parity against
     PyTorch FP32 at the INT8 tolerance, reported but not gated (it is not this project's quantizer)."""
-    baseline = modelopt_int8(tmp / "dense.onnx", calibration_images(manifest, dense), tmp / MODELOPT_FILE)
+    baseline = modelopt_int8(tmp / onnx_name("dense"), calibration_images(manifest, dense), tmp / MODELOPT_FILE)
     stats = check_file(tmp / MODELOPT_FILE, dense, "int8", None, batches, threads, outputs=outputs)
     if not stats["parity"]["passed"]:
         log.warning("%s is further from PyTorch FP32 than the INT8 tolerance (max abs %.3g): kept, it is "

@@ -296,7 +296,7 @@ def int8_kernel_note(run: RunFiles, points: list[EvalPoint]) -> str | None:
 def _export_section(run: RunFiles) -> list[str]:
     ex = run.export
     files = ex.get("files") or {}
-    base = files.get("dense.onnx", {}).get("bytes")
+    base = files.get(onnx_name("dense"), {}).get("bytes")
     pi = ex.get("parity_images") or {}
     lines = ["## ONNX files and parity", "",
              f"Opset {ex.get('opset')}; every file is checked against its PyTorch reference on "
