@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from tqdm import tqdm
 
 from cliutil import atomic_path
 
@@ -55,8 +56,6 @@ def load_cifar10(split: str, archive: str | Path | None = None) -> tuple[np.ndar
 
 
 def _decode_to_cache(archive: Path, cache: Path) -> None:
-    from tqdm import tqdm
-
     members: dict[str, list[tuple[str, bytes]]] = {"train": [], "test": []}
     with tarfile.open(archive, "r:gz") as tar:
         for m in tqdm(tar, desc="reading CIFAR-10 archive", unit="file", mininterval=2):

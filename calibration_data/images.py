@@ -5,6 +5,7 @@ calibration and evaluation see exactly what the weights were trained on.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import random
 from dataclasses import dataclass, field
@@ -13,7 +14,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
+from timm.data import create_transform
+from timm.data import resolve_data_config as timm_resolve
+from timm.models import get_pretrained_cfg
 
+from .cifar10 import CLASSES, load_cifar10
 from .errors import CalibrationDataError
 
 log = logging.getLogger(__name__)
@@ -47,8 +52,6 @@ class ImageSet:
 
     def fingerprint(self) -> str:
         """Content-independent identity of the set (relative names + count), for cache keys."""
-        import hashlib
-
         h = hashlib.sha256()
         if self.arrays is not None:
             h.update(self.root.encode())
@@ -74,8 +77,6 @@ def _pretrained_cfg(model) -> dict:
     """A built model's pretrained_cfg, or for a timm name the one registered with timm (None for
     names without one, e.g. an entry point)."""
     if isinstance(model, str):
-        from timm.models import get_pretrained_cfg
-
         try:
             cfg = get_pretrained_cfg(model)
         except RuntimeError:   # a name timm reads as 'arch.tag' with an unknown tag
@@ -109,8 +110,6 @@ def cifar10_split(split: str, num: int | None = None, seed: int = 0, archive: st
     """A seeded random subset of a CIFAR-10 split (shared/data), in memory. The subset of ``num``
     images is a prefix of the subset of any larger ``num`` with the same seed, so extra images
     (e.g. a held-out split) never change which images the first ``num`` are."""
-    from .cifar10 import CLASSES, load_cifar10
-
     x, y = load_cifar10(split, archive)
     order = np.random.default_rng(seed).permutation(len(x))[:num]
     return ImageSet(f"cifar10:{split}", (), tuple(int(v) for v in y[order]), CLASSES, 0, arrays=x[order])
@@ -208,8 +207,6 @@ def load_image_set(path: str | Path, num: int | None = None, seed: int = 0,
 
 def cifar10_test_set(archive: str | Path | None = None, num: int | None = None, seed: int = 0) -> ImageSet:
     """The full CIFAR-10 test split (10,000 images) from shared/data, as an in-memory set."""
-    from .cifar10 import CLASSES, load_cifar10
-
     x, y = load_cifar10("test", archive)
     if num is not None and num < len(x):
         idx = np.sort(np.random.default_rng(seed).choice(len(x), num, replace=False))
@@ -219,8 +216,6 @@ def cifar10_test_set(archive: str | Path | None = None, num: int | None = None, 
 
 def resolve_data_config(model_or_config) -> dict:
     """timm data config of a model (or a dict/pretrained_cfg passed through)."""
-    from timm.data import resolve_data_config as timm_resolve
-
     if isinstance(model_or_config, dict):
         return timm_resolve(model_or_config)
     return timm_resolve({}, model=model_or_config)
@@ -250,8 +245,6 @@ class _Dataset(torch.utils.data.Dataset):
 def make_loader(images: ImageSet, model_or_data_config, batch_size: int = 64,
                 num_workers: int = 0) -> torch.utils.data.DataLoader:
     """Deterministic (unshuffled) loader of (float32 NCHW, int64 labels) preprocessed for the model."""
-    from timm.data import create_transform
-
     cfg = resolve_data_config(model_or_data_config)
     transform = create_transform(**cfg, is_training=False)
     return torch.utils.data.DataLoader(_Dataset(images, transform), batch_size=batch_size,

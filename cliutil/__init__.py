@@ -27,9 +27,10 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from .files import atomic_path, atomic_write_bytes, atomic_write_text, figure_png, json_text, write_json
+from .gpus import nvidia_smi_gpus
 
 __all__ = ["OneLineParser", "OutputError", "atomic_path", "atomic_write_bytes", "atomic_write_text", "figure_png",
-           "json_text", "option_value", "oserror_line", "publish_dir", "remove_stale", "reserve_output", "run_cli",
+           "json_text", "nvidia_smi_gpus", "option_value", "oserror_line", "publish_dir", "remove_stale", "reserve_output", "run_cli",
            "staging_dir", "write_json"]
 
 log = logging.getLogger(__name__)

@@ -81,7 +81,7 @@ def write_json(path: str | Path, doc, indent: int | None = 2) -> Path:
 
 def figure_png(fig, dpi: int = 110) -> bytes:
     """Render a matplotlib figure to PNG bytes and close it (write them with atomic_write_bytes)."""
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazy: a slow import, needed only to draw
 
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi)

@@ -37,12 +37,21 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import inspect
 import logging
+import sys
 
 import torch
+import torch.nn.functional as F
+from timm.models.beit import Beit
+from timm.models.eva import Eva
+from timm.models.swin_transformer import SwinTransformer
+from timm.models.swin_transformer_v2 import SwinTransformerV2
+from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from .errors import CompressError
+from .unfused import UnfusedEncoderLayer, unfuse_
 
 log = logging.getLogger(__name__)
 
@@ -181,9 +190,6 @@ class Adapter:
 def _timm_filter(model: nn.Module, state: dict, interpolation: str) -> dict:
     """timm's own ``checkpoint_filter_fn`` of the model's family (the one timm.create_model applies to
     pretrained weights: foreign layouts converted, position tables resampled to the model's grid)."""
-    import inspect
-    import sys
-
     fn = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
     if fn is None:
         return state
@@ -253,8 +259,6 @@ class TimmViTAdapter(TimmAdapter):
 
     @classmethod
     def matches(cls, model):
-        from timm.models.vision_transformer import VisionTransformer
-
         return isinstance(model, VisionTransformer)
 
     def stage_names(self, model):
@@ -271,9 +275,6 @@ class TimmSwinAdapter(TimmAdapter):
 
     @classmethod
     def matches(cls, model):
-        from timm.models.swin_transformer import SwinTransformer
-        from timm.models.swin_transformer_v2 import SwinTransformerV2
-
         return isinstance(model, (SwinTransformer, SwinTransformerV2))
 
     def prepare_(self, model):
@@ -308,8 +309,6 @@ class TimmEvaAdapter(TimmAdapter):
 
     @classmethod
     def matches(cls, model):
-        from timm.models.eva import Eva
-
         return isinstance(model, Eva)
 
     def prepare_(self, model):
@@ -345,8 +344,6 @@ class TimmBeitAdapter(TimmAdapter):
 
     @classmethod
     def matches(cls, model):
-        from timm.models.beit import Beit
-
         return isinstance(model, Beit)
 
     def prepare_(self, model):
@@ -375,13 +372,9 @@ class TorchAdapter(Adapter):
 
     @classmethod
     def matches(cls, model):
-        from .unfused import UnfusedEncoderLayer
-
         return any(isinstance(m, (nn.TransformerEncoderLayer, UnfusedEncoderLayer)) for m in model.modules())
 
     def prepare_(self, model):
-        from .unfused import unfuse_
-
         if isinstance(model, nn.TransformerEncoderLayer):
             raise CompressError("a bare nn.TransformerEncoderLayer is not a model: give the module that "
                                 "embeds the images, runs the layers and classifies")
@@ -397,8 +390,6 @@ class TorchAdapter(Adapter):
                                 "applies)")
 
     def stage_names(self, model):
-        from .unfused import UnfusedEncoderLayer
-
         names = [n for n, m in model.named_modules() if isinstance(m, UnfusedEncoderLayer)]
         parents = {n.rpartition(".")[0] for n in names}
         if len(parents) != 1:
@@ -485,7 +476,7 @@ class HFImageModel(nn.Module):
 
 
 def _hf_classes():
-    from transformers import Dinov2Model, ViTForImageClassification, ViTModel
+    from transformers import Dinov2Model, ViTForImageClassification, ViTModel  # lazy: the optional [hf] extra
 
     return ViTModel, ViTForImageClassification, Dinov2Model
 
@@ -562,8 +553,6 @@ class HFViTAdapter(Adapter):
     def filter_checkpoint(self, model, state, interpolation):
         """Position tables of another grid resampled as transformers' ``interpolate_pos_encoding`` does
         (``F.interpolate(..., mode="bicubic", align_corners=False)``, CLS row kept)."""
-        import torch.nn.functional as F
-
         own = model.state_dict()
         out = dict(state)
         mode, _, aa = interpolation.partition("-")

@@ -14,8 +14,10 @@ artifact. Reading validates the manifest against SCHEMA (one error naming the ke
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import math
 import os
 from pathlib import Path
 
@@ -23,9 +25,12 @@ import torch
 from torch import nn
 
 from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save
 
-from . import zoo  # noqa: F401  (registers the bundled models)
+from calibration_data import is_spec
+from cliutil import staging_dir
+
+from . import report, zoo  # noqa: F401  (zoo: registers the bundled models)
 from .errors import CompressError
 from .lowrank import LowRankLinear, lowrank_layers, replace_module_
 from .models import adapter_for, apply_preprocessing, build_raw, load_from_spec, resolve_preprocessing
@@ -73,8 +78,6 @@ def replace_refusal(out: Path) -> str | None:
 def safetensors_bytes(state: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
     """safetensors.torch.save with a canonical header: the library writes ``__metadata__`` from a
     hash map whose order changes from call to call, so equal inputs would give different bytes."""
-    from safetensors.torch import save
-
     raw = save(state, metadata=metadata)
     n = int.from_bytes(raw[:8], "little")
     header = json.loads(raw[8:8 + n])
@@ -90,9 +93,6 @@ def save_compressed(out_dir: str | Path, model: nn.Module, manifest: dict) -> Pa
     Equal models and manifests give byte-identical weights.safetensors; the torch thread count
     is recorded (``torch_threads``) because float reductions, hence the weights, depend on it.
     """
-    from cliutil import staging_dir
-    from .report import plot_ranks, render_report
-
     check_manifest_matches(model, manifest)
     manifest = dict(manifest, format=FORMAT, format_version=FORMAT_VERSION,
                     torch_threads=manifest.get("torch_threads", torch.get_num_threads()))
@@ -104,8 +104,8 @@ def save_compressed(out_dir: str | Path, model: nn.Module, manifest: dict) -> Pa
         (tmp / "manifest.json").write_text(text + "\n")
         (tmp / "weights.safetensors").write_bytes(safetensors_bytes(
             _state_for_saving(model), {"format": FORMAT, "format_version": str(FORMAT_VERSION)}))
-        (tmp / "report.md").write_text(render_report(manifest))
-        plot_ranks(manifest, tmp / "ranks.png")
+        (tmp / "report.md").write_text(report.render_report(manifest))
+        report.plot_ranks(manifest, tmp / "ranks.png")
         for f in FILES:
             os.chmod(tmp / f, 0o644)
     log.info("wrote %s", out)
@@ -115,8 +115,6 @@ def save_compressed(out_dir: str | Path, model: nn.Module, manifest: dict) -> Pa
 def fingerprint(path: str | Path) -> str:
     """Identity of a compressed model: sha256 of its weights.safetensors (16 hex digits).
     Export records it in every ONNX file; evaluation checks it against --compressed."""
-    import hashlib
-
     wp = Path(path).expanduser() / "weights.safetensors"
     h = hashlib.sha256()
     try:
@@ -168,8 +166,6 @@ def _type_name(spec) -> str:
 
 
 def _matches(value, spec) -> bool:
-    import math
-
     if spec is None:
         return value is None
     if isinstance(spec, dict):
@@ -241,7 +237,6 @@ def read_manifest(path: str | Path) -> dict:
     if manifest.get("format_version", 0) > FORMAT_VERSION:
         raise CompressError(f"{mp} has format version {manifest['format_version']}; this code reads "
                             f"<= {FORMAT_VERSION}")
-    from calibration_data import is_spec
 
     for section, key in (("model", "checkpoint"), ("calibration", "path")):
         p = (manifest.get(section) or {}).get(key)

@@ -24,7 +24,11 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
 from cliutil import atomic_write_text, write_json
+
+from .pipeline import Config, run
 
 DEFAULT_ARCHIVE = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "imagenet-samples" / \
     "imagenet-samples.tar"
@@ -51,10 +55,6 @@ def image_dir(archive: Path, cache: Path) -> Path:
 
 def run_one(args) -> dict:
     """In the child: the compress stage, then this process's own peak RSS."""
-    import torch
-
-    from .pipeline import Config, run
-
     if args.threads:
         torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:

@@ -35,6 +35,7 @@ from typing import Iterable
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from .lowrank import LowRankLinear, replace_module_
 from .models import run_stage, stages
@@ -188,8 +189,6 @@ def compensate_(dense: nn.Module, compressed: nn.Module, factors: dict[str, tupl
     these ``batches`` (from the statistics pass), or None to accumulate it here as well.
     Each factorised layer is replaced by LowRankLinear.from_factors(A, B, bias, G, Y).
     """
-    from tqdm import tqdm
-
     dense.eval().to(device)
     compressed.eval().to(device)
     names = list(factors)

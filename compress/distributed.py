@@ -22,8 +22,11 @@ from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 import torch
+import torch.distributed as dist
 
+from . import stats
 from .errors import CompressError
+from .stats import Partial, merge_range_states
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +67,6 @@ def local_device(device: str) -> str:
 
 def _init() -> bool:
     """The default process group from torchrun's environment (once); True if this call made it."""
-    import torch.distributed as dist
-
     if dist.is_initialized():
         return False
     backend = "gloo"
@@ -80,8 +81,6 @@ def _init() -> bool:
 
 
 def _done(own: bool) -> None:
-    import torch.distributed as dist
-
     if own and dist.is_initialized():
         dist.destroy_process_group()
 
@@ -95,10 +94,6 @@ def collect(model: torch.nn.Module, layer_names: Iterable[str], images, loader_f
     ``loader_for(part)`` makes the (unshuffled) loader of a slice of ``images`` with ``batch_size``.
     Rank 0 alone reads and writes the cache ``cache_dir/key``; on a hit no rank runs the pass.
     """
-    import torch.distributed as dist
-
-    from . import stats
-
     own = _init()
     try:
         r, w = dist.get_rank(), dist.get_world_size()
@@ -154,8 +149,6 @@ def _slice(images, start: int, stop: int):
 
 def _sum_to_root_(t: torch.Tensor, dev: str) -> None:
     """t (on the CPU) becomes the sum over ranks on rank 0; on CUDA the sum runs on the GPU (NCCL)."""
-    import torch.distributed as dist
-
     if dev.startswith("cuda"):
         g = t.to(dev)
         dist.reduce(g, dst=0)
@@ -166,10 +159,6 @@ def _sum_to_root_(t: torch.Tensor, dev: str) -> None:
 
 def _reduce_(p, infos: list[dict], dev: str):
     """The stats.Partial of all ranks on rank 0 (partial sums elsewhere)."""
-    import torch.distributed as dist
-
-    from .stats import Partial, merge_range_states
-
     r, w = dist.get_rank(), dist.get_world_size()
     for a in p.sums.values():
         _sum_to_root_(a["gram"], dev)
@@ -195,8 +184,6 @@ def _reduce_(p, infos: list[dict], dev: str):
 
 def _gather_logits(mine: list[torch.Tensor], infos: list[dict], dev: str) -> list[torch.Tensor]:
     """Every rank's dense outputs on rank 0, in rank (= image) order; padded to one size to travel."""
-    import torch.distributed as dist
-
     tails = [x["tail"] for x in infos if x["tail"] is not None]
     if not tails:   # no rank saw an image: stats.finish says so
         return []
@@ -227,15 +214,12 @@ def split_jobs(jobs: Sequence) -> list:
         return list(jobs)
     _independent = True
     _jobs_group = _init()
-    import torch.distributed as dist
 
     return list(jobs)[dist.get_rank()::dist.get_world_size()]
 
 
 def gather_rows(rows: list, order: Callable) -> list | None:
     """Every rank's result rows on rank 0, sorted (stably) by ``order(row)``; None on the other ranks."""
-    import torch.distributed as dist
-
     if not dist.is_initialized():
         return sorted(rows, key=order)
     everyone = [None] * dist.get_world_size()

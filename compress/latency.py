@@ -32,6 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
+from cliutil import nvidia_smi_gpus, write_json
+
 from .errors import CompressError
 
 SCHEMA = 1
@@ -122,10 +124,7 @@ class LatencyTable:
     def save(self, path) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
-        os.replace(tmp, path)
-        return path
+        return write_json(path, self.to_dict(), indent=1)
 
 
 def rest_key(precision: str, batch: int) -> str:
@@ -172,18 +171,8 @@ def simd_flags(flags) -> list[str]:
 
 
 def gpu_names() -> list[str]:
-    import shutil
-    import subprocess
-
-    smi = shutil.which("nvidia-smi")
-    if smi is None:
-        return []
-    try:
-        out = subprocess.run([smi, "--query-gpu=name,driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return []
-    return [line.strip() for line in out.stdout.splitlines() if line.strip()] if out.returncode == 0 else []
+    """"<name>, <driver>" per GPU (the form earlier tables' fingerprints were computed from)."""
+    return [f"{g['name']}, {g['driver']}" for g in nvidia_smi_gpus()]
 
 
 def library_versions() -> dict:

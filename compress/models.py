@@ -36,12 +36,16 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import timm
 import torch
+from safetensors.torch import load_file
+from timm.data.constants import DEFAULT_CROP_MODE, DEFAULT_CROP_PCT
 from torch import nn
 
 from . import zoo
 from .adapters import Adapter, find_adapter, supported
 from .errors import CompressError
+from .fileinfo import checkpoint_error
 from .options import INTERPOLATIONS, POS_INTERPOLATIONS
 
 log = logging.getLogger(__name__)
@@ -191,8 +195,6 @@ def check_data_config(overrides: dict | None) -> dict:
 def resolve_preprocessing(model: nn.Module, adapter: Adapter, overrides: dict, what: str) -> dict:
     """The data config of the model as built: declared config (timm ``pretrained_cfg``), the input size
     the architecture fixes, then ``overrides``; timm's defaults only fill crop and interpolation."""
-    from timm.data.constants import DEFAULT_CROP_MODE, DEFAULT_CROP_PCT
-
     declared = getattr(model, "pretrained_cfg", None) or {}
     cfg = {k: declared[k] for k in DATA_KEYS if isinstance(declared, dict) and declared.get(k) is not None}
     built = adapter.input_size(model)
@@ -261,8 +263,6 @@ class ModelSpec:
 
 def check_model_name(name: str) -> None:
     """One-line error with close matches for a name timm does not know."""
-    import timm
-
     if timm.is_model(name):
         return
     names = timm.list_models()
@@ -340,7 +340,6 @@ def build_raw(name: str, kwargs: dict, pretrained: bool = False) -> tuple[nn.Mod
     if is_entry_point(name):
         fn, desc = resolve_entry_point(name)
         return _call_entry(fn, name, kwargs), desc
-    import timm
 
     check_model_name(name)
     return _create(timm, name, pretrained, kwargs), None
@@ -372,8 +371,6 @@ def load_model_with_spec(name: str, checkpoint: str | Path | None = None, pretra
             name = f"{entry['path']}:{entry['function']}"   # absolute, so later stages run from anywhere
         model, pretrained, source = _call_entry(fn, name, kwargs), False, "entry-point"
     else:
-        import timm
-
         check_model_name(name)
         bundled = name in zoo.reference.ARCHS
         if checkpoint is None and pretrained is None:
@@ -451,13 +448,10 @@ def _read_state_dict(path: Path) -> dict:
         raise CompressError(f"checkpoint {path} does not exist")
     try:
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
             state = load_file(str(path))
         else:
             state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - corrupt files raise many different types
-        from .fileinfo import checkpoint_error
 
         raise CompressError(checkpoint_error(path, e)) from None
     for key in ("state_dict", "model", "model_state_dict"):

@@ -33,6 +33,7 @@ from .artifact import save_compressed
 from .compensate import compensate_
 from .errors import CompressError
 from .finetune import DEFAULT_TARGET, TARGETS, distill_
+from .latency import latency_target
 from .lowrank import LowRankLinear, replace_module_
 from .models import compressible_layers, count_params, load_model_with_spec, weights_fingerprint
 from .quantize import ACT_SCHEME, WEIGHT_SCHEME, fake_quant_error, model_outputs, output_error, ranges_from_states
@@ -153,8 +154,6 @@ class Config:
 
     def latency_target(self):
         """The latency model of allocation (compress.latency.LatencyTarget), or None without a table."""
-        from .latency import latency_target
-
         table = self.latency_table or ("auto" if self.target_latency_ms is not None else None)
         return latency_target(table, self.model, self.latency_precision, self.latency_batch,
                               self.target_latency_ms) if table else None

@@ -23,7 +23,10 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from tqdm import tqdm
+
 from .lowrank import LowRankLinear
+from .models import excluded_linears
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +39,6 @@ _EPS = 1e-12
 def quantizable_layers(model: nn.Module) -> dict[str, nn.Module]:
     """Every LowRankLinear and every nn.Linear not inside one, by qualified name, in module order
     (except Linears that multiply constants, not tokens: compress.models.excluded_linears)."""
-    from .models import excluded_linears
-
     out: dict[str, nn.Module] = {}
     inside: set[str] = set(excluded_linears(model))
     for name, m in model.named_modules():
@@ -156,8 +157,6 @@ class _Observed:
 @torch.no_grad()
 def _observe(model: nn.Module, batches: Iterable, layers: Iterable[str] | None, device: str,
              channels: bool = False, histogram: bool = False) -> _Observed:
-    from tqdm import tqdm
-
     mods = quantizable_layers(model) if layers is None else {n: model.get_submodule(n) for n in layers}
     obs = _Observed({n: RangeObserver(histogram) for n in mods}, {}, {}, [])
     handles = []

@@ -30,9 +30,11 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
+from .finetune import balance_factors_
 from .lowrank import LowRankLinear, lowrank_layers, replace_module_
-from .models import run_stage, stages
+from .models import features_and_logits, run_stage, stages
 from .stats import accumulate_gram
 from .svd import damped_cholesky
 
@@ -124,8 +126,6 @@ def _seq_refit_(dense_block: nn.Module, block: nn.Module, prefix: str, layers: l
 def _reconstruct_(block: nn.Module, ht: list, targets: list, val_ht: list, val_targets: list,
                   cfg: RefineConfig, start_error: float) -> tuple[float, int]:
     """Adam on the block's low-rank factors and their biases; keeps the best held-out iterate."""
-    from .finetune import balance_factors_
-
     balance_factors_(block)
     params = [p for m in lowrank_layers(block).values() for p in m.parameters()]
     if not params:
@@ -181,8 +181,6 @@ def output_cosine(y: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
 @torch.no_grad()
 def heldout_cosine(dense: nn.Module, model: nn.Module, images: list[torch.Tensor]) -> tuple[float, float]:
     """Mean and min final-feature cosine of ``model`` to ``dense`` on batches of preprocessed images."""
-    from .models import features_and_logits
-
     ref = torch.cat([features_and_logits(dense, x)[0] for x in images])
     ours = torch.cat([features_and_logits(model, x)[0] for x in images])
     return output_cosine(ours, ref)
@@ -192,8 +190,6 @@ def heldout_cosine(dense: nn.Module, model: nn.Module, images: list[torch.Tensor
 def refine_(dense: nn.Module, compressed: nn.Module, fit_images: list[torch.Tensor],
             heldout_images: list[torch.Tensor], cfg: RefineConfig) -> dict:
     """Run the pass (module docstring) on batches of preprocessed images; edits ``compressed`` in place."""
-    from tqdm import tqdm
-
     dense.eval()
     compressed.eval()
     plain = copy.deepcopy(compressed)

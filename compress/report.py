@@ -130,7 +130,7 @@ def render_report(manifest: dict) -> str:
 
 def plot_ranks(manifest: dict, path: str | Path) -> None:
     """Bar plot of width per layer (rank + comp rank; dense layers drawn at full rank, grey)."""
-    import matplotlib
+    import matplotlib  # lazy: a slow import, needed only to draw
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -15,9 +15,12 @@ the layer per layer (block inputs are computed once), on ``images`` probe images
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
+import numpy as np
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from .lowrank import LowRankLinear, replace_module_
 from .models import run_stage, stages
@@ -32,8 +35,6 @@ def sensitivities(dense: nn.Module, factors: dict, ranks: dict[str, int], errors
 
     ``factors``: name -> callable(rank) -> (A, B); ``errors``: name -> e_l(r_l), its own normalised error.
     """
-    from tqdm import tqdm
-
     dense.eval()
     plan = [(s, ls) for s, ls in stages(dense, ranks) if s != "embed"]
     blocks = [s for s, _ in plan if s != "tail"]
@@ -67,9 +68,5 @@ def sensitivities(dense: nn.Module, factors: dict, ranks: dict[str, int], errors
 
 def weighted_curves(curves, weights: dict[str, float]):
     """The curves scaled by each layer's weight; layers without one get the median weight."""
-    from dataclasses import replace
-
-    import numpy as np
-
     med = float(np.median(list(weights.values()))) if weights else 1.0
     return [replace(c, curve=tuple(weights.get(c.name, med) * e for e in c.curve)) for c in curves]

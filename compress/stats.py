@@ -22,11 +22,14 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
+from tqdm import tqdm
 
 from cliutil import atomic_path, write_json
 
 from .errors import CompressError
+from .quantize import RangeObserver, quantizable_layers
 
 log = logging.getLogger(__name__)
 
@@ -142,10 +145,6 @@ def accumulate(model: nn.Module, layer_names: Iterable[str], batches: Iterable, 
     ``widths``: histogram bin widths to start from instead of laying the bins out at the first
     batch, so that a shard's histograms share the bins of the whole pass (``merge_range_states``).
     """
-    from tqdm import tqdm
-
-    from .quantize import RangeObserver, quantizable_layers
-
     names = list(layer_names)
     mods = {n: model.get_submodule(n) for n in names}
     range_mods = (quantizable_layers(model) if range_layers is None
@@ -219,8 +218,6 @@ def merge_range_states(states: list[dict]) -> dict:
     independently (a layer whose first batch was all zeros) are re-binned by bin centre, which is
     approximate: that is logged.
     """
-    from .quantize import RangeObserver
-
     amax = max(float(s["amax"]) for s in states)
     zeros = sum(int(s.get("zeros", 0)) for s in states)
     empty = torch.zeros(0, dtype=torch.float64)
@@ -285,8 +282,6 @@ def store(cache_dir: str | Path, key: str, stats: Stats) -> Stats:
 
 
 def save_stats(cache_dir: Path, key: str, stats: Stats) -> None:
-    from safetensors.torch import save_file
-
     cache_dir.mkdir(parents=True, exist_ok=True)
     tensors = {"logits": stats.logits.contiguous()}
     meta = {"version": CACHE_VERSION, "key": key, "images": stats.images, "layers": {},
@@ -311,8 +306,6 @@ def load_stats(cache_dir: Path, key: str) -> Stats | None:
     if not (meta_path.is_file() and data_path.is_file()):
         return None
     try:
-        from safetensors.torch import load_file
-
         meta = json.loads(meta_path.read_text())
         if meta.get("version") != CACHE_VERSION or meta.get("key") != key:
             return None

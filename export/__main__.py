@@ -6,7 +6,11 @@ import logging
 import sys
 from pathlib import Path
 
+from calibration_data import CalibrationDataError
 from cliutil import OneLineParser, reserve_output, run_cli
+
+from .errors import ExportError, ParityError
+from .pipeline import ExportOptions, export_compressed
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -45,14 +49,9 @@ def main(argv=None) -> int:
     args = get_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    from calibration_data import CalibrationDataError
-
-    from .errors import ExportError, ParityError
 
     def body() -> int:
         with reserve_output(args.out, kind="dir", accepts=replace_refusal):  # before any expensive work
-            from .pipeline import ExportOptions, export_compressed
-
             options = ExportOptions(opset=args.opset, int8=args.int8, fp16=args.fp16, calib=args.calib,
                                     num_parity=args.num_parity, threads=args.threads, modelopt=args.modelopt)
             report = export_compressed(args.compressed, args.out, options)

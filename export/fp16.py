@@ -18,11 +18,15 @@ for the int8 graph (every int8 value stays the same), so pair scales rarely need
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
 
 from .errors import ExportError
 from .gsutil import replace_tensor, to_proto
+from .qdq import AMAX_EPS, QMAX
 
 log = logging.getLogger(__name__)
 
@@ -35,9 +39,6 @@ QDQ_FP16_OPSET = 19  # first opset whose QuantizeLinear/DequantizeLinear take fl
 
 def to_fp16(proto):
     """Return a float16 copy of an fp32 or QDQ ``proto`` (see module docstring)."""
-    import onnx
-    import onnx_graphsurgeon as gs
-
     graph = gs.import_onnx(proto)
     qdq = [n for n in graph.nodes if n.op in QDQ_OPS]
     if qdq:
@@ -109,12 +110,6 @@ def fp16_gauge(proto, specs: list) -> tuple:
     are free to sit at any such gauge; SVD leaves the first factor's rows small for large inputs).
     Rows at compress.quantize's zero floor (all-zero weights) are ignored: their scale multiplies 0.
     """
-    from dataclasses import replace
-
-    import onnx_graphsurgeon as gs
-
-    from .qdq import AMAX_EPS, QMAX
-
     graph = gs.import_onnx(proto)
     nodes = {n.name: n for n in graph.nodes}
     floor = 2 * AMAX_EPS / QMAX  # above the scale of an all-zero row
@@ -153,8 +148,6 @@ def graph_opset(proto) -> int:
 
 def _half_qdq_scales(nodes) -> None:
     """Q/DQ scales -> float16, none below FP16_TINY; weights re-quantized where theirs was raised."""
-    import onnx_graphsurgeon as gs
-
     done = set()
     for node in nodes:
         scale = node.inputs[1]
@@ -182,8 +175,6 @@ def _half_qdq_scales(nodes) -> None:
 
 
 def _cast(name, x, y, to):
-    import onnx_graphsurgeon as gs
-
     return gs.Node("Cast", name, attrs={"to": to}, inputs=[x], outputs=[y])
 
 

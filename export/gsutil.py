@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import numpy as np
 
+# Imported inside functions (onnx_graphsurgeon): `import export` stays free of onnx and torch for runtime's
+# device side (tests/runtime/test_cli.py).
+
 
 def const_value(tensor) -> np.ndarray | None:
     """Value of a tensor that is an initializer, possibly behind Identity, a 2-D Transpose or a

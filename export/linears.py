@@ -21,6 +21,9 @@ import numpy as np
 from .errors import ExportError
 from .gsutil import const_value, to_proto
 
+# Imported inside functions (torch, onnx_graphsurgeon): `import export` stays free of onnx and torch for runtime's
+# device side (tests/runtime/test_cli.py).
+
 log = logging.getLogger(__name__)
 
 WEIGHT_OPS = ("MatMul", "Gemm", "Einsum")

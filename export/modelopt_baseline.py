@@ -17,14 +17,24 @@ installs ``nvidia-modelopt`` without it plus the modules its ONNX PTQ imports.
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import io
 import logging
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import onnx
+
+from calibration_data import CalibrationDataError, load_image_set, make_loader
 
 from .errors import ExportError
 from .files import BASELINE, onnx_name
+from .onnx_export import INPUT_NAME
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +58,6 @@ def quantize_arguments(onnx_path, calibration: np.ndarray, out_path,
         raise ExportError(f"ModelOpt calibration needs a non-empty NCHW image batch, got shape {calibration.shape}")
     if not np.isfinite(calibration).all():
         raise ExportError("ModelOpt calibration images contain NaN/Inf")
-    from .onnx_export import INPUT_NAME
 
     return {"onnx_path": str(onnx_path), "quantize_mode": "int8", "output_path": str(out_path),
             "calibration_data": {INPUT_NAME: calibration},
@@ -61,8 +70,6 @@ def quantize_arguments(onnx_path, calibration: np.ndarray, out_path,
 def calibration_images(manifest: dict, model) -> np.ndarray:
     """The images compress calibrated on (manifest ``calibration``: folder, count, seed), preprocessed
     for ``model`` as one float32 NCHW array."""
-    from calibration_data import CalibrationDataError, load_image_set, make_loader
-
     cal = manifest.get("calibration") or {}
     if not cal.get("path") or not cal.get("images"):
         raise ExportError("the manifest does not record its calibration images (calibration.path/images); "
@@ -89,17 +96,8 @@ def modelopt_int8(onnx_path, calibration: np.ndarray, out_path,
                   settings: ModeloptSettings = ModeloptSettings()) -> dict:
     """Quantize ``onnx_path`` with ModelOpt into ``out_path``; returns what it did (version, settings,
     its quantized MatMul/Gemm count) for the export report."""
-    import contextlib
-    import dataclasses
-    import io
-    import os
-    import shutil
-    import tempfile
-
     version = modelopt_version()
     from modelopt.onnx.quantization import quantize
-
-    import onnx
 
     onnx_path, out_path = Path(onnx_path), Path(out_path)
     log.info("ModelOpt %s: quantizing %s on %d calibration images", version, onnx_path.name, len(calibration))

@@ -12,6 +12,9 @@ import re
 
 from .errors import ExportError
 
+# Imported inside functions (onnx, torch): `import export` stays free of onnx and torch for runtime's
+# device side (tests/runtime/test_cli.py).
+
 MIN_OPSET = 17       # LayerNormalization is one op from opset 17 on (METHOD.md §6)
 EXPORTER_OPSET = 18  # the opset torch's exporter translates to without conversion
 INPUT_NAME, OUTPUT_NAME, BATCH_DIM = "input", "logits", "batch"

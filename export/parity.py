@@ -12,11 +12,17 @@ are compared flattened per image.
 from __future__ import annotations
 
 import logging
+import platform
+import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 
 from .onnx_export import INPUT_NAME, OUTPUT_NAME
+
+# Imported inside functions (torch, polygraphy, onnxruntime): `import export` stays free of onnx and torch for runtime's
+# device side (tests/runtime/test_cli.py).
 
 log = logging.getLogger(__name__)
 
@@ -167,8 +173,6 @@ def _torch_runner(model, input_shape, name: str):
             return TensorMetadata().add(INPUT_NAME, np.float32, (-1, *input_shape))
 
         def infer_impl(self, feed_dict):
-            import time
-
             x = torch.from_numpy(np.ascontiguousarray(feed_dict[INPUT_NAME])).to(self.device)
             start = time.perf_counter()
             with torch.no_grad():
@@ -195,8 +199,6 @@ def cpu_int8_saturates(cpuinfo: str | None = None, machine: str | None = None) -
     ARM and VNNI CPUs accumulate in int32, as TensorRT's INT8 kernels are documented to; how close a
     TensorRT engine comes to the QDQ graph has not been measured here (``runtime trt-check`` does it).
     """
-    import platform
-
     machine = machine or platform.machine()
     if machine.lower() not in ("x86_64", "amd64", "i386", "i686"):
         return False
@@ -235,8 +237,6 @@ def check_parity(onnx_path, model, batches: list[np.ndarray], tolerance: Toleran
     ``float_outputs`` (INT8 files, ``model`` fake-quantized): the float model's outputs on the same
     batches, for the INT8 gate (``QuantAccuracy``); without them the element-wise comparison gates.
     """
-    from pathlib import Path
-
     from polygraphy.backend.onnxrt import OnnxrtRunner
     from polygraphy.comparator import Comparator, SimpleCompareFunc
     from polygraphy.logger import G_LOGGER

@@ -44,6 +44,7 @@ from .errors import ExportError, ParityError
 from .files import BY_FILENAME, REPORT, STEMS, onnx_name
 from .fp16 import QDQ_FP16_OPSET, fp16_gauge, graph_opset, to_fp16
 from .linears import canonicalize_linears, check_pairs, linear_weights
+from .modelopt_baseline import FILENAME as MODELOPT_FILE, calibration_images, modelopt_int8, modelopt_version
 from .onnx_export import MIN_OPSET, check_opset, export_onnx
 from .parity import TOLERANCES, check_parity, cpu_int8_saturates
 from .qdq import QuantizedLinear, insert_qdq
@@ -185,7 +186,6 @@ def export_compressed(compressed_dir, out_dir, options: ExportOptions | None = N
     """Write the ONNX files and export_report.json to ``out_dir``; returns the report."""
     options = options or ExportOptions()
     if options.modelopt:   # before any work: a missing optional extra is one line
-        from .modelopt_baseline import modelopt_version
         modelopt_version()
     model, manifest, dense = load_artifacts(compressed_dir)
     quant = manifest.get("quant") or {}
@@ -243,14 +243,12 @@ def export_compressed(compressed_dir, out_dir, options: ExportOptions | None = N
 def modelopt_file(tmp: Path, manifest: dict, dense, batches, threads: int, outputs: str) -> dict:
     """ModelOpt's INT8 of ``tmp/dense.onnx`` (the peer baseline): its stats, and its parity against
     PyTorch FP32 at the INT8 tolerance, reported but not gated (it is not this project's quantizer)."""
-    from .modelopt_baseline import FILENAME, calibration_images, modelopt_int8
-
-    baseline = modelopt_int8(tmp / "dense.onnx", calibration_images(manifest, dense), tmp / FILENAME)
-    stats = check_file(tmp / FILENAME, dense, "int8", None, batches, threads, outputs=outputs)
+    baseline = modelopt_int8(tmp / onnx_name("dense"), calibration_images(manifest, dense), tmp / MODELOPT_FILE)
+    stats = check_file(tmp / MODELOPT_FILE, dense, "int8", None, batches, threads, outputs=outputs)
     if not stats["parity"]["passed"]:
         log.warning("%s is further from PyTorch FP32 than the INT8 tolerance (max abs %.3g): kept, it is "
-                    "the baseline as ModelOpt makes it", FILENAME, stats["parity"]["max_abs"])
-    return {FILENAME: {**stats, "baseline": baseline}}
+                    "the baseline as ModelOpt makes it", MODELOPT_FILE, stats["parity"]["max_abs"])
+    return {MODELOPT_FILE: {**stats, "baseline": baseline}}
 
 
 def int8_fp16(proto, qspecs):

@@ -20,6 +20,9 @@ import numpy as np
 from .errors import ExportError
 from .gsutil import const_value, to_proto
 
+# Imported inside functions (onnx_graphsurgeon): `import export` stays free of onnx and torch for runtime's
+# device side (tests/runtime/test_cli.py).
+
 QMAX = 127  # symmetric int8: scale = amax / 127, zero point 0
 AMAX_EPS = 1e-12  # compress.quantize's floor for a range
 

@@ -7,13 +7,15 @@ import math
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
+
+from .linears import find_pairs
 
 _FOUR_BIT = ("int4", "uint4", "float4")
 
 
 def tensor_bytes(tensor) -> tuple[str, int, int]:
     """(dtype name, bytes, elements) of a TensorProto from its dims, wherever its data lives."""
-    import numpy as np
     import onnx
 
     count = math.prod(tensor.dims)
@@ -62,8 +64,6 @@ def quantized_tensors(proto) -> dict[str, list[str]]:
 def graph_stats(path) -> dict:
     """Summary of one file for export_report.json."""
     import onnx
-
-    from .linears import find_pairs
 
     path = Path(path)
     proto = onnx.load(str(path))

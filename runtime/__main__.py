@@ -19,13 +19,19 @@ exit 1, Ctrl-C 130; every --out is validated and locked before the work starts.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import logging
+import os
 import sys
 
 from cliutil import OneLineParser, option_value, reserve_output, run_cli
+from runtime.backends import available_backends, thread_options
+from runtime.benchmark import BenchConfig, run_benchmark
 from runtime.errors import RuntimeStageError
+from runtime.machine import describe_machine, machine_info
+from runtime.report import render_markdown, write_outputs
 
 # Subcommands that live in their own module (imported only when run): name -> (module, help).
 DELEGATED = {
@@ -105,8 +111,6 @@ def get_parser() -> argparse.ArgumentParser:
 
 
 def _bench_options(args) -> dict:
-    from runtime.backends import thread_options
-
     options = thread_options(args.backend, args.threads)
     if args.inter_op_threads is not None:
         options["inter_op_threads"] = args.inter_op_threads
@@ -121,9 +125,6 @@ def _bench_options(args) -> dict:
 
 
 def _bench(args) -> int:
-    from runtime.benchmark import BenchConfig, run_benchmark
-    from runtime.report import render_markdown, write_outputs
-
     config = BenchConfig(backend=args.backend, batch_sizes=tuple(args.batch_sizes), warmup=args.warmup,
                          repeats=args.repeats, options=_bench_options(args), include_fp16=args.fp16,
                          variants=args.variants, memory=not args.no_memory, seed=args.seed,
@@ -136,9 +137,6 @@ def _bench(args) -> int:
 
 
 def _info(args) -> int:
-    from runtime.backends import available_backends
-    from runtime.machine import describe_machine, machine_info
-
     backends, machine = available_backends(), machine_info()
     if args.json:
         print(json.dumps({"backends": backends, "machine": machine}, indent=2))
@@ -166,9 +164,6 @@ def _delegate(name: str, argv: list[str]) -> int:
 
 def _reserved(command: str, args):
     """The subcommand's --out, validated and locked before its work (a no-op without one)."""
-    import contextlib
-    import os
-
     if getattr(args, "out", None) is None or int(os.environ.get("RANK", "0")) > 0:  # torchrun: rank 0 writes
         return contextlib.nullcontext()
     return reserve_output(args.out, kind="file" if command in FILE_OUTPUTS else "dir")

@@ -20,10 +20,13 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+from tqdm import tqdm
 
 from export import FILES, ExportFile
 from runtime.backends import open_backend
 from runtime.errors import RuntimeStageError
+from runtime.machine import machine_info
+from runtime.memory import inspect_onnx, measure_in_subprocess
 
 log = logging.getLogger(__name__)
 
@@ -177,8 +180,6 @@ def check_export_report(onnx_dir) -> dict | None:
     ``["initializer_bytes"]`` by dtype) and the directory holds: {"report_bytes", "file_bytes",
     "report_initializer_bytes", "initializer_bytes", "match"}. None without a report.
     """
-    from runtime.memory import inspect_onnx
-
     onnx_dir = Path(onnx_dir)
     path = onnx_dir / "export_report.json"
     if not path.is_file():
@@ -214,11 +215,6 @@ def _batch_input(shape: tuple, batch_size: int, rng: np.random.Generator) -> np.
 
 def run_benchmark(onnx_dir, config: BenchConfig, machine: dict | None = None) -> dict:
     """Measure every variant of ``onnx_dir``; returns the bench.json document."""
-    from tqdm import tqdm
-
-    from runtime.machine import machine_info
-    from runtime.memory import measure_in_subprocess
-
     onnx_dir = Path(onnx_dir)
     found = find_variants(onnx_dir, config)
     machine = machine if machine is not None else machine_info()

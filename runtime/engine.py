@@ -48,6 +48,7 @@ from export import onnx_name as export_onnx_name
 from runtime.backends.trt_build import (DEFAULT_OPT_BATCHES, TensorRTUnavailable, build_engine, require_cuda,
                                        require_tensorrt)
 from runtime.errors import RuntimeStageError
+from runtime.machine import machine_info
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +113,6 @@ def _inputs(args) -> dict[str, Path]:
 
 def machine(trt, cuda) -> dict:
     """The machine (runtime.machine) plus the CUDA device and TensorRT the engines were built with."""
-    from runtime.machine import machine_info
     return {**machine_info(), "tensorrt": trt.__version__, "cuda_runtime": cuda.runtime_version(),
             "cuda_device": cuda.device_properties(0)}
 

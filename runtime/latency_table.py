@@ -25,7 +25,17 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import onnx
+import timm.data
+import torch
+from onnx import TensorProto, helper, numpy_helper
+from tqdm import tqdm
 
+from compress import (add_model_options, add_weights_arguments, compressible_layers, latency, load_model,
+                      model_options)
+from export import QuantizedLinear, canonicalize_linears, export_onnx, insert_qdq, linear_weights, quantized_linears
+from runtime.backends import available_backends, open_backend, thread_options
+from runtime.benchmark import interleaved_medians
 from runtime.errors import RuntimeStageError
 
 log = logging.getLogger(__name__)
@@ -39,11 +49,6 @@ BURST = 3
 
 def layer_shapes(model, include_head: bool = False) -> dict[str, tuple[int, int, int]]:
     """Compressible Linear name -> (out, in, rows per image), from one batch-1 forward pass."""
-    import timm.data
-    import torch
-
-    from compress import compressible_layers
-
     layers = compressible_layers(model, include_head)
     rows: dict[str, int] = {}
 
@@ -73,11 +78,6 @@ def _int8_weight(rng, out: int, inp: int) -> tuple[np.ndarray, np.ndarray, np.nd
 def layer_graph(m: int, n: int, rows: int, width: int | None, precision: str, seed: int = 0):
     """One layer as the exporter writes it: input "input" [batch, rows, n] -> output "logits".
     ``width`` None: the dense MatMul; else the pair n -> width -> m."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    from export import QuantizedLinear, insert_qdq
-
     rng = np.random.default_rng(seed)
     shapes = [(n, m)] if width is None else [(n, width), (width, m)]
     names = [LAYER] if width is None else [f"{LAYER}.first", f"{LAYER}.second"]
@@ -110,9 +110,6 @@ def table_widths(m: int, n: int, step: int) -> list[int]:
 def _time_group(paths: dict, backend_kind: str, options: dict, batch: int, rows: int, n: int,
                 warmup: int, repeats: int, seed: int) -> dict:
     """Median ms of each file (key -> path), all opened at once and timed interleaved."""
-    from runtime.backends import open_backend
-    from runtime.benchmark import interleaved_medians
-
     x = np.random.default_rng(seed).standard_normal((batch, rows, n), dtype=np.float32)
     backends = {}
     try:
@@ -127,10 +124,6 @@ def _time_group(paths: dict, backend_kind: str, options: dict, batch: int, rows:
 def measure_layers(shapes: set[tuple[int, int, int]], backend: str, options: dict, batches, precisions,
                    step: int, warmup: int, repeats: int, seed: int = 0, progress=None) -> list:
     """latency.LayerTiming entries for every shape x precision x batch (see the module docstring)."""
-    import onnx
-
-    from compress import latency
-
     out = []
     with tempfile.TemporaryDirectory(prefix="latency-table-") as tmp:
         for m, n, rows in sorted(shapes):
@@ -153,13 +146,6 @@ def measure_layers(shapes: set[tuple[int, int, int]], backend: str, options: dic
 def dense_model_graphs(model, precisions) -> dict[str, object]:
     """The dense model's ONNX per precision, laid out as the export stage does (every Linear
     quantized for int8; the ranges are placeholders: latency does not depend on them)."""
-    import timm.data
-
-    from export import canonicalize_linears, linear_weights
-    from export import export_onnx
-    from export import quantized_linears
-    from export import insert_qdq
-
     size = tuple(timm.data.resolve_data_config({}, model=model)["input_size"])
     lin = linear_weights(model)
     proto, found = canonicalize_linears(export_onnx(model, size), lin)
@@ -172,12 +158,6 @@ def dense_model_graphs(model, precisions) -> dict[str, object]:
 def measure_rest(model, layer_shapes_: dict, timings: list, backend: str, options: dict, batches, precisions,
                  warmup: int, repeats: int) -> tuple[dict, dict]:
     """(rest_ms, dense_model_ms) keyed "precision@batch": the dense model timed whole, minus its Linears."""
-    import onnx
-
-    from compress import latency
-    from runtime.backends import open_backend
-    from runtime.benchmark import interleaved_medians
-
     index = {t.key: t for t in timings}
     rest, whole = {}, {}
     with tempfile.TemporaryDirectory(prefix="latency-model-") as tmp:
@@ -210,11 +190,6 @@ def measure_table(model_name: str, model, backend: str = "ort", threads: int | N
                   batches=(1, 8), precisions=("fp32", "int8"), step: int = 8, warmup: int = 3,
                   repeats: int = 15, include_head: bool = False, whole_model: bool = True,
                   options: dict | None = None):
-    from tqdm import tqdm
-
-    from compress import latency
-    from runtime.backends import thread_options
-
     options = {**thread_options(backend, threads), **(options or {})}
     shapes = layer_shapes(model, include_head)
     distinct = set(shapes.values())
@@ -233,8 +208,6 @@ def measure_table(model_name: str, model, backend: str = "ort", threads: int | N
 
 def format_markdown(table) -> str:
     """Per shape, precision and batch: dense ms, the widest width still faster as a pair, pair/dense ratios."""
-    from compress import latency
-
     mach = table.machine
     lines = [f"Latency table of `{table.model}` on {table.backend} ({table.threads or 'default'} threads), "
              f"{mach.get('cpu')} [{' '.join(latency.simd_flags(mach.get('cpu_flags', [])))}]"
@@ -257,9 +230,6 @@ def format_markdown(table) -> str:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from compress import add_weights_arguments
-    from compress import add_model_options
-
     g = p.add_argument_group("model")
     add_weights_arguments(g)
     add_model_options(g)
@@ -282,10 +252,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from compress import latency
-    from compress import load_model
-    from compress import model_options
-
     try:
         batches = tuple(int(b) for b in args.batch_sizes.split(",") if b.strip())
     except ValueError:
@@ -295,7 +261,6 @@ def main(args: argparse.Namespace) -> int:
         raise RuntimeStageError("--batch-sizes, --width-step and --repeats must be >= 1, --warmup >= 0")
     if not precisions or set(precisions) - set(latency.PRECISIONS):
         raise RuntimeStageError(f"--precisions must be a subset of {','.join(latency.PRECISIONS)}, got {args.precisions!r}")
-    from runtime.backends import available_backends
 
     reason = available_backends().get(args.backend, f"unknown backend {args.backend!r}")
     if reason:

@@ -8,12 +8,12 @@ from __future__ import annotations
 import logging
 import os
 import platform
-import shutil
-import subprocess
 from importlib import metadata
 from pathlib import Path
 
+from cliutil import nvidia_smi_gpus
 from export import cpu_int8_saturates
+from runtime import nvml
 
 log = logging.getLogger(__name__)
 
@@ -71,34 +71,15 @@ def jetson() -> dict | None:
 
 
 def gpus() -> list[dict]:
-    """GPUs with name, memory and driver, via runtime.nvml when present, else nvidia-smi."""
+    """GPUs with name, memory and driver, via NVML when present, else nvidia-smi."""
     try:
-        from runtime import nvml
-    except ImportError:
-        nvml = None
-    if nvml is not None and hasattr(nvml, "gpu_info"):
-        try:
-            found = nvml.gpu_info()  # None where NVML is unavailable (no driver, Jetson)
-        except Exception as exc:  # best effort: the report still names the CPU side
-            log.warning("NVML GPU query failed: %s", exc)
-            found = None
-        if found:
-            return [{k: g.get(k) for k in ("name", "memory_bytes", "driver")} for g in found]
-    smi = shutil.which("nvidia-smi")
-    if smi is None:
-        return []
-    try:
-        out = subprocess.run([smi, "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader,nounits"],
-                             capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return []
-    result = []
-    for line in out.stdout.strip().splitlines() if out.returncode == 0 else []:
-        parts = [p.strip() for p in line.split(",")]
-        if len(parts) == 3:
-            mem = int(parts[1]) * 2**20 if parts[1].isdigit() else None
-            result.append({"name": parts[0], "memory_bytes": mem, "driver": parts[2]})
-    return result
+        found = nvml.gpu_info()  # None where NVML is unavailable (no driver, Jetson)
+    except Exception as exc:  # best effort: the report still names the CPU side
+        log.warning("NVML GPU query failed: %s", exc)
+        found = None
+    if found:
+        return [{k: g.get(k) for k in ("name", "memory_bytes", "driver")} for g in found]
+    return nvidia_smi_gpus()
 
 
 def library_versions() -> dict[str, str | None]:

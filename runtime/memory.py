@@ -21,7 +21,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from export import graph_tensors, initializer_bytes, tensor_bytes
+from runtime import nvml, tegrastats
+from runtime.backends import base
 from runtime.errors import RuntimeStageError
 
 log = logging.getLogger(__name__)
@@ -64,7 +68,7 @@ def _external_files(model_dir: Path, tensors) -> set[Path]:
 
 def inspect_onnx(path) -> OnnxStats:
     """File bytes, weight bytes by dtype and precision of an ONNX file (weights not loaded)."""
-    import onnx
+    import onnx  # lazy: runtime's device side imports this module without onnx (tests/runtime/test_cli.py)
 
     path = Path(path)
     if not path.is_file():
@@ -121,7 +125,7 @@ def peak_rss() -> int | None:
     if peak is not None:
         return peak
     try:
-        import resource
+        import resource  # Unix only
     except ImportError:
         return None
     ru = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -140,10 +144,6 @@ def reset_peak_rss() -> bool:
 
 def tegrastats_sampler():
     """A started runtime.tegrastats sampler holding at least one sample, or None off Jetson."""
-    try:
-        from runtime import tegrastats
-    except ImportError:
-        return None
     if not tegrastats.available():
         return None
     sampler = tegrastats.TegrastatsSampler(interval_ms=100).start()
@@ -154,16 +154,9 @@ def tegrastats_sampler():
 
 
 def gpu_process_memory(pid: int) -> int | None:
-    """GPU memory used by process ``pid`` per NVML, or None without NVML, GPU or runtime.nvml."""
+    """GPU memory used by process ``pid`` per NVML, or None without NVML or GPU."""
     try:
-        from runtime import nvml
-    except ImportError:
-        return None
-    fn = getattr(nvml, "process_gpu_memory", None)
-    if fn is None:
-        return None
-    try:
-        return fn(pid)
+        return nvml.process_gpu_memory(pid)
     except Exception as exc:  # NVML is a best-effort extra: a failure must not lose the benchmark
         log.warning("NVML query failed: %s", exc)
         return None
@@ -173,8 +166,6 @@ def gpu_process_memory(pid: int) -> int | None:
 
 def probe(kind: str, path: str, options: dict, batch_sizes: list[int], runs: int = 2) -> dict:
     """Open, run and measure one model in *this* process (the child of measure_in_subprocess)."""
-    from runtime.backends import base
-
     base.backend_class(kind).unavailable_reason(kind)  # imports the runtime library before the baseline
     sampler = tegrastats_sampler()  # Jetson: system RAM (shared with the GPU) sampled throughout
     baseline = current_rss()
@@ -195,8 +186,6 @@ def probe(kind: str, path: str, options: dict, batch_sizes: list[int], runs: int
 
 
 def _probe_model(base, kind, path, options, batch_sizes, runs, result) -> None:
-    import numpy as np
-
     with base.open_backend(kind, path, **options) as backend:
         result["after_load_rss_bytes"] = current_rss()
         shape = backend.input_shape()

@@ -22,7 +22,11 @@ from pathlib import Path
 
 import numpy as np
 
+from cliutil import atomic_write_bytes
+from runtime.backends import open_backend, thread_options
+from runtime.benchmark import BENCH_FILES, interleaved_medians
 from runtime.errors import RuntimeStageError
+from runtime.memory import inspect_onnx, measure_in_subprocess
 
 OPTION_SETS = {
     "default": {},
@@ -36,10 +40,6 @@ OPTION_SETS = {
 
 def study(onnx_dir, names: list[str], threads: int | None = 2, batch_sizes=(1,), sets=tuple(OPTION_SETS),
           warmup: int = 3, repeats: int = 20) -> dict:
-    from runtime.backends import open_backend, thread_options
-    from runtime.benchmark import BENCH_FILES, interleaved_medians
-    from runtime.memory import inspect_onnx, measure_in_subprocess
-
     onnx_dir = Path(onnx_dir)
     variants = [v for v in BENCH_FILES if v.name in names and (onnx_dir / v.filename).is_file()]
     if not variants:
@@ -98,8 +98,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from runtime.report import atomic_write_bytes
-
     sets = tuple(s for s in args.options.split(",") if s)
     unknown = set(sets) - set(OPTION_SETS)
     if unknown or not sets:

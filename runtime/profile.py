@@ -25,10 +25,11 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 
+from cliutil import atomic_write_bytes, write_json
 from runtime.benchmark import BENCH_FILES
 from runtime.errors import RuntimeStageError
-from cliutil import atomic_write_bytes, write_json
 
 LAYER = re.compile(r"(?:^|[./_:])(attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2|head)(?=$|[./_:])")
 KINDS = ("linear", "attention", "other")
@@ -65,8 +66,6 @@ def summarize(events: list[dict], runs: int) -> dict:
 
 def profile_dir(onnx_dir, names: list[str] | None = None, threads: int = 1, batch_size: int = 1,
                 warmup: int = 5, repeats: int = 30, seed: int = 0) -> dict:
-    import onnxruntime as ort
-
     onnx_dir = Path(onnx_dir)
     variants = [v for v in BENCH_FILES if (onnx_dir / v.filename).is_file() and (not names or v.name in names)]
     if not variants:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from cliutil import atomic_write_bytes, atomic_write_text, figure_png, write_json
 from runtime.machine import describe_machine
 
@@ -118,12 +120,10 @@ def _predicted_lines(pred: dict | None) -> list[str]:
 
 def plot(result: dict) -> bytes:
     """PNG bytes: p50 latency per image by batch size (p90 whiskers), and file size by weight dtype."""
-
-    import matplotlib
+    import matplotlib  # lazy: a slow import, needed only to draw
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
     variants = result["variants"]
     names = list(variants)

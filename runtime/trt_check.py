@@ -38,8 +38,13 @@ import numpy as np
 
 from cliutil import atomic_write_text, write_json
 from export import REPORT as EXPORT_REPORT
-from export import STEMS, onnx_name
+from export import STEMS, TOLERANCES, onnx_name, quant_accuracy
+from runtime.backends.ort import OrtBackend
+from runtime.backends.trt import TrtBackend, build_serialized, onnx_input_spec
+from runtime.backends.trt_build import TensorRTUnavailable, opt_batch_list, require_cuda, require_tensorrt
+from runtime.benchmark import latency_stats
 from runtime.errors import RuntimeStageError
+from runtime.machine import machine_info
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +155,7 @@ def matmul_precisions(layers: list[Layer], matmuls) -> list[MatMulPrecision]:
 
 def quantized_matmuls(onnx_path) -> list[str]:
     """Names of the MatMul nodes whose weight is a DequantizeLinear of an int8 initializer."""
-    import onnx
+    import onnx  # lazy: runtime's device side imports this module without onnx (tests/runtime/test_cli.py)
 
     g = onnx.load(str(onnx_path), load_external_data=False).graph
     inits = {i.name for i in g.initializer}
@@ -192,8 +197,6 @@ def compare_logits(engine_out: np.ndarray, ort_out: np.ndarray, float_out: np.nd
     QDQ file is (rounding flips make two exact INT8 runs of a deep network differ element-wise; see
     export.parity.TOLERANCES); the element-wise figures are then reported, not gated.
     """
-    from export import TOLERANCES, quant_accuracy
-
     d = np.abs(engine_out.astype(np.float64) - ort_out)
     scale = float(np.abs(ort_out).max()) or 1.0
     top1 = float(np.mean(engine_out.argmax(1) == ort_out.argmax(1)))
@@ -223,10 +226,6 @@ def inspect_engine(trt, engine, batch: int, chw) -> str:
 
 def check_file(onnx_path: Path, images: np.ndarray, batches, out: Path, *, allow_hidden: bool,
                repeats: int, warmup: int, workspace_mb: int) -> dict:
-    from runtime.backends.ort import OrtBackend
-    from runtime.backends.trt import TrtBackend, build_serialized, onnx_input_spec, require_tensorrt
-    from runtime.benchmark import latency_stats
-
     trt = require_tensorrt()
     _, chw = onnx_input_spec(onnx_path)
     data, info = build_serialized(onnx_path, precision="int8", min_batch=1, opt_batches=batches,
@@ -314,8 +313,6 @@ def _images(args, onnx_dir: Path) -> np.ndarray:
 
 
 def main(args: argparse.Namespace) -> int:
-    from runtime.backends.trt_build import TensorRTUnavailable, opt_batch_list, require_cuda, require_tensorrt
-
     try:
         trt = require_tensorrt()
         cuda = require_cuda()
@@ -335,7 +332,6 @@ def main(args: argparse.Namespace) -> int:
     except RuntimeStageError as e:
         print(f"runtime trt-check: {e}", file=sys.stderr)
         return EXIT_USAGE
-    from runtime.machine import machine_info
     report = {"tensorrt": trt.__version__, "gpu": cuda.device_properties(0)["name"],
               "cuda_device": cuda.device_properties(0), "cuda_runtime": cuda.runtime_version(),
               "machine": machine_info(), "batches": list(batches), "files": results,

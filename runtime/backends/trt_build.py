@@ -11,7 +11,9 @@ from pathlib import Path
 
 from cliutil import atomic_write_bytes as write_atomic
 from runtime.backends.base import INPUT_NAME
+from runtime.backends.trt_cuda import Cuda, CudaError
 from runtime.errors import RuntimeStageError
+from runtime.memory import inspect_onnx
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +39,6 @@ def require_tensorrt():
 
 def require_cuda():
     """A checked CUDA runtime (runtime.backends.trt_cuda.Cuda) with a GPU, or TensorRTUnavailable (one line)."""
-    from runtime.backends.trt_cuda import Cuda, CudaError
     try:
         cuda = Cuda()
         count = cuda.device_count()
@@ -58,7 +59,7 @@ def trt_major(trt) -> int:
 # ---------------------------------------------------------------- ONNX facts (no TensorRT needed)
 
 def _load_onnx_graph(onnx_path: Path):
-    import onnx
+    import onnx  # lazy: runtime's device side imports this module without onnx (tests/runtime/test_cli.py)
     try:
         return onnx.load(str(onnx_path), load_external_data=False).graph
     except Exception as e:
@@ -83,14 +84,12 @@ def onnx_input_spec(onnx_path: Path) -> tuple[str, tuple[int, int, int]]:
 
 def onnx_weight_bytes(onnx_path: Path) -> dict[str, int]:
     """Bytes of the ONNX file's weights (initializers + Constant tensors): {"total": n, "<dtype>": n}."""
-    from runtime.memory import inspect_onnx
     by_dtype = inspect_onnx(onnx_path).weight_bytes
     return {"total": sum(by_dtype.values()), **by_dtype}
 
 
 def onnx_precision(onnx_path: Path) -> str:
     """"int8" for a quantized (Q/DQ) graph, "fp16" for mostly-float16 weights, else "fp32"."""
-    from runtime.memory import inspect_onnx
     return inspect_onnx(onnx_path).precision
 
 
@@ -198,7 +197,6 @@ def build_serialized(onnx_path, *, precision: str | None = None, min_batch: int 
     ops = int8, mostly float16 weights = fp16); None takes the file's. The timing cache at
     ``timing_cache_path`` is read when present and written back (atomically) after the build.
     """
-    from runtime.memory import inspect_onnx
     onnx_path = Path(onnx_path)
     stats = inspect_onnx(onnx_path)
     found = stats.precision

@@ -296,7 +296,7 @@ def int8_kernel_note(run: RunFiles, points: list[EvalPoint]) -> str | None:
 def _export_section(run: RunFiles) -> list[str]:
     ex = run.export
     files = ex.get("files") or {}
-    base = files.get("dense.onnx", {}).get("bytes")
+    base = files.get(onnx_name("dense"), {}).get("bytes")
     pi = ex.get("parity_images") or {}
     lines = ["## ONNX files and parity", "",
              f"Opset {ex.get('opset')}; every file is checked against its PyTorch reference on "
@@ -402,8 +402,7 @@ def plot_points(points: list[EvalPoint]) -> list[EvalPoint]:
 
 def plot_accuracy_vs_size(points: list[EvalPoint], title: str = "") -> bytes | None:
     """PNG: top-1 against parameters and against file bytes, one point per variant (None if none)."""
-
-    import matplotlib
+    import matplotlib  # lazy: a slow import, needed only to draw
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -261,7 +261,7 @@ def format_markdown(result: dict) -> str:
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
+    import matplotlib  # lazy: a slow import, needed only to draw
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -100,7 +100,7 @@ def run_sweep(base, config: SweepConfig) -> dict:
         result = compress_stage(base, ratio, rd, reuse=prepared)   # one factorisation serves every ratio
         manifest, prepared = result.manifest, result.prepared
         export = export_stage(rd, export_options)
-        onnx = ("dense.int8.onnx", "model.int8.onnx") if i == 0 else ("model.int8.onnx",)
+        onnx = tuple(onnx_name(s, "int8") for s in (("dense", "model") if i == 0 else ("model",)))
         ev = eval_stage(rd, images, onnx, config.backend, config.backend_options,
                         batch_size=config.eval_batch_size, seed=config.seed)
         bench = bench_stage(rd, bench_config) if config.bench else None
@@ -271,8 +271,7 @@ def render_markdown(doc: dict) -> str:
 
 def plot(doc: dict) -> bytes:
     """PNG: top-1 against parameters, file bytes and (when measured) latency; Pareto front dashed."""
-
-    import matplotlib
+    import matplotlib  # lazy: a slow import, needed only to draw
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
