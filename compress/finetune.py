@@ -42,7 +42,7 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from .errors import CompressError
-from .lowrank import lowrank_layers
+from .lowrank import balance_factors_, lowrank_layers
 from .models import final_tokens, has_head, run_stage
 from .refine import output_cosine
 
@@ -59,17 +59,6 @@ def factor_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
         out[f"{name}.first.weight"] = mod.first.weight
         out[f"{name}.second.weight"] = mod.second.weight
     return out
-
-
-@torch.no_grad()
-def balance_factors_(model: nn.Module) -> None:
-    """Rescale each inner channel j of every LowRankLinear so ||first[j, :]|| = ||second[:, j]||."""
-    for mod in lowrank_layers(model).values():
-        w1, w2 = mod.first.weight, mod.second.weight
-        n1, n2 = w1.double().norm(dim=1), w2.double().norm(dim=0)
-        d = torch.where((n1 > 0) & (n2 > 0), (n2 / n1.clamp_min(1e-300)).sqrt(), torch.ones_like(n1))
-        w1.copy_((w1.double() * d[:, None]).to(w1.dtype))
-        w2.copy_((w2.double() / d[None, :]).to(w2.dtype))
 
 
 def kl_to_dense(logits: torch.Tensor, ref: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:

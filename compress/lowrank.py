@@ -76,3 +76,14 @@ def replace_module_(model: nn.Module, qualified_name: str, module: nn.Module) ->
 def lowrank_layers(model: nn.Module) -> dict[str, LowRankLinear]:
     """Every LowRankLinear in the model, by qualified name, in module order."""
     return {name: m for name, m in model.named_modules() if isinstance(m, LowRankLinear)}
+
+
+@torch.no_grad()
+def balance_factors_(model: nn.Module) -> None:
+    """Rescale each inner channel j of every LowRankLinear so ||first[j, :]|| = ||second[:, j]||."""
+    for mod in lowrank_layers(model).values():
+        w1, w2 = mod.first.weight, mod.second.weight
+        n1, n2 = w1.double().norm(dim=1), w2.double().norm(dim=0)
+        d = torch.where((n1 > 0) & (n2 > 0), (n2 / n1.clamp_min(1e-300)).sqrt(), torch.ones_like(n1))
+        w1.copy_((w1.double() * d[:, None]).to(w1.dtype))
+        w2.copy_((w2.double() / d[None, :]).to(w2.dtype))

@@ -32,8 +32,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from .finetune import balance_factors_
-from .lowrank import LowRankLinear, lowrank_layers, replace_module_
+from .lowrank import LowRankLinear, balance_factors_, lowrank_layers, replace_module_
 from .models import features_and_logits, run_stage, stages
 from .stats import accumulate_gram
 from .svd import damped_cholesky
