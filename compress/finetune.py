@@ -113,7 +113,7 @@ def _images(batches: Iterable | None) -> torch.Tensor | None:
     return torch.cat(xs) if xs else None
 
 
-def distill_(dense: nn.Module, compressed: nn.Module, batches: Iterable, steps: int, lr: float = 3e-5,
+def distill_(dense: nn.Module, compressed: nn.Module, batches: Iterable, steps: int, lr: float = 1e-5,
              temperature: float = 1.0, seed: int = 0, device: str = "cpu", mse_weight: float = 0.0,
              batch_size: int | None = None, target: str = DEFAULT_TARGET, heldout: Iterable | None = None,
              eval_every: int | None = None) -> dict:

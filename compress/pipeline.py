@@ -87,7 +87,7 @@ class Config:
     recon_lr: float = 1e-3
     refine_damping: float = 1e-2         # ridge of the refinement's C~, relative to its mean diagonal
     finetune_steps: int = 0              # distillation steps on the calibration images (0: off, the paper's setting)
-    finetune_lr: float = 3e-5
+    finetune_lr: float = 1e-5
     finetune_target: str = DEFAULT_TARGET   # what the distillation matches: the final features or the logits
     alpha: float = 0.5                   # exponent of the diag variant
     damping: float = DEFAULT_DAMPING     # whitening lambda relative to the mean Gram diagonal

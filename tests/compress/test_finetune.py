@@ -137,7 +137,7 @@ def test_config_and_cli_validate_finetune_options():
     from compress.pipeline import Config
 
     a = get_parser().parse_args(["--model", "m", "--ratio", "0.6", "--out", "o"])
-    assert (a.finetune_steps, a.finetune_lr) == (0, 3e-5)
+    assert (a.finetune_steps, a.finetune_lr) == (0, 1e-5)
     a = get_parser().parse_args(["--model", "m", "--ratio", "0.6", "--out", "o", "--finetune-steps", "200",
                                  "--finetune-lr", "3e-4"])
     cfg = config_from_args(a)
