@@ -44,7 +44,7 @@ from tqdm import tqdm
 from .errors import CompressError
 from .lowrank import balance_factors_, lowrank_layers
 from .models import final_tokens, has_head, run_stage
-from .refine import output_cosine
+from .refine import heldout_cosine
 
 log = logging.getLogger(__name__)
 
@@ -96,21 +96,21 @@ def _logits(model: nn.Module, x: torch.Tensor, batch_size: int, device: str) -> 
 
 
 @torch.no_grad()
-def _heldout_loss(model, x, ref, loss_fn, batch_size, device) -> float:
+def _heldout_loss(model, x, target, ref, loss_fn, batch_size, device) -> float:
     total = 0.0
     for i in range(0, len(x), batch_size):
-        out = _outputs(model, x[i:i + batch_size].to(device), _target_of(ref))
+        out = _outputs(model, x[i:i + batch_size].to(device), target)
         total += float(loss_fn(out, tuple(r[i:i + batch_size].to(device) for r in ref))) * len(out[0])
     return total / len(x)
 
 
-def _target_of(ref: tuple) -> str:
-    return "logits" if len(ref) == 1 else "features"
+def _image_batches(batches: Iterable | None) -> list[torch.Tensor]:
+    return [(b[0] if isinstance(b, (tuple, list)) else b).detach().cpu() for b in batches or ()]
 
 
-def _images(batches: Iterable | None) -> torch.Tensor | None:
-    xs = [(b[0] if isinstance(b, (tuple, list)) else b).detach().cpu() for b in batches or ()]
-    return torch.cat(xs) if xs else None
+def _cosine(dense, model, x, batch_size, device) -> dict:
+    mean, low = heldout_cosine(dense, model, [x[i:i + batch_size].to(device) for i in range(0, len(x), batch_size)])
+    return {"mean": mean, "min": low}
 
 
 def distill_(dense: nn.Module, compressed: nn.Module, batches: Iterable, steps: int, lr: float = 1e-5,
@@ -134,12 +134,11 @@ def distill_(dense: nn.Module, compressed: nn.Module, batches: Iterable, steps: 
     params = factor_parameters(compressed)
     if not params:
         raise CompressError("nothing to fine-tune: the compressed model has no low-rank layers")
-    first = next(iter(batches), None)
-    x = _images(batches)
-    if x is None:
+    xs, xvs = _image_batches(batches), _image_batches(heldout)
+    if not xs:
         raise CompressError("the fine-tuning loader yielded no images")
-    bs = batch_size or len(first[0] if isinstance(first, (tuple, list)) else first)
-    xv = _images(heldout)
+    bs = batch_size or len(xs[0])
+    x, xv = torch.cat(xs), (torch.cat(xvs) if xvs else None)
     n = len(x)
     every = max(1, eval_every or steps // 10)
     t0 = time.perf_counter()
@@ -163,9 +162,9 @@ def distill_(dense: nn.Module, compressed: nn.Module, batches: Iterable, steps: 
 
     backup = {k: p.detach().clone() for k, p in params.items()}
     balance_factors_(compressed)
-    best = (_heldout_loss(compressed, xv, ref_v, loss_fn, bs, device), 0, None) if xv is not None else None
+    best = (_heldout_loss(compressed, xv, target, ref_v, loss_fn, bs, device), 0, None) if xv is not None else None
     heldout_before = best[0] if best else None
-    cos_before = _heldout_cosine(compressed, xv, ref_v, target, dense, bs, device) if xv is not None else None
+    cos_before = _cosine(dense, compressed, xv, bs, device) if xv is not None else None
     grad_flags = {p: p.requires_grad for p in compressed.parameters()}
     for p in compressed.parameters():
         p.requires_grad_(False)
@@ -199,7 +198,7 @@ def distill_(dense: nn.Module, compressed: nn.Module, batches: Iterable, steps: 
             sched.step()
             losses.append(float(loss.detach()))
             if best is not None and ((step + 1) % every == 0 or step + 1 == steps):
-                val = _heldout_loss(compressed, xv, ref_v, loss_fn, bs, device)
+                val = _heldout_loss(compressed, xv, target, ref_v, loss_fn, bs, device)
                 checks.append((step + 1, val))
                 if val < best[0]:
                     best = (val, step + 1, {k: p.detach().clone() for k, p in params.items()})
@@ -226,7 +225,7 @@ def distill_(dense: nn.Module, compressed: nn.Module, batches: Iterable, steps: 
         summary.update(heldout_images=len(xv), heldout_loss_before=heldout_before, heldout_loss_best=best[0],
                        best_step=best[1], kept=best[2] is not None, heldout_checks=checks,
                        heldout_cosine_before=cos_before,
-                       heldout_cosine_after=_heldout_cosine(compressed, xv, ref_v, target, dense, bs, device))
+                       heldout_cosine_after=_cosine(dense, compressed, xv, bs, device))
     if has_logits:
         after = _logits(compressed, x, bs, device)
         kl_before, kl_after = float(kl_to_dense(before, logits_ref)), float(kl_to_dense(after, logits_ref))
@@ -241,19 +240,6 @@ def distill_(dense: nn.Module, compressed: nn.Module, batches: Iterable, steps: 
     log.info("fine-tuning (%s target): %d steps in %.1f s%s", target, steps, seconds,
              f", held-out loss {heldout_before:.4g} -> {best[0]:.4g} (step {best[1]})" if best else "")
     return summary
-
-
-@torch.no_grad()
-def _heldout_cosine(model, xv, ref_v, target, dense, bs, device) -> dict:
-    """Mean / min final-feature cosine to dense on the held-out images."""
-    if target == "features":
-        ours = _all_outputs(model, xv, target, bs, device)[1]
-        mean, low = output_cosine(ours, ref_v[1])
-    else:
-        feats = lambda m: torch.cat([run_stage(m, "features", final_tokens(m, xv[i:i + bs].to(device))).cpu()  # noqa: E731
-                                     for i in range(0, len(xv), bs)])
-        mean, low = output_cosine(feats(model), feats(dense))
-    return {"mean": mean, "min": low}
 
 
 def _restore_(params: dict, values: dict) -> None:
