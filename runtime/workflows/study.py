@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import shutil
 import tempfile
@@ -204,6 +205,44 @@ def write(result: dict, out: Path) -> None:
     plot(result, out / "study.png")
 
 
+# what studies must share to sit in one table; and which steps-setting each variant's rows depend on
+_SAME = ("model", "checkpoint", "data", "num_images", "num_calib", "default_variant")
+_STEPS = ("recon_steps", "finetune_steps")
+
+
+def merge(results: list[dict]) -> dict:
+    """One study from several run on the same model, images and calibration set (a long study in
+    pieces, or rows added later): rows are joined, a later study's row replaces an earlier one's at the
+    same variant, budget and precision. Raises if the studies are not comparable."""
+    def facts(r: dict) -> dict:
+        dense = r["rows"][0]
+        return {**{k: r.get(k) for k in _SAME}, "dense parameters": dense.get("params"), "dense top-1": dense.get("top1")}
+
+    first = results[0]
+    for other in results[1:]:
+        for key, a in facts(first).items():
+            b = facts(other)[key]
+            if a != b:
+                raise RuntimeStageError(f"cannot merge studies with different {key} ({a!r} vs {b!r}); merge only "
+                                        "studies of one model, evaluation set and calibration set")
+    steps = {}
+    for key in _STEPS:   # each steps setting from the studies whose rows use it
+        used = {r[key] for r in results
+                if any(VARIANTS.get(v, ("", {}))[1].get(key, 0) < 0 for v in r["variants"])}
+        if len(used) > 1:
+            raise RuntimeStageError(f"cannot merge studies whose rows used different --{key.replace('_', '-')} "
+                                    f"({sorted(used)}); rerun one of them with the other's")
+        steps[key] = used.pop() if used else first[key]
+    rows, variants = {}, {}
+    for r in results:
+        variants.update(r["variants"])
+        for row in r["rows"][1:]:
+            rows[(row["variant"], row["ratio"], row["int8"])] = row
+    return {**{k: first.get(k) for k in _SAME}, **steps, "variants": variants,
+            "rows": [first["rows"][0]] + list(rows.values()),
+            "complete": all(r.get("complete", True) for r in results)}
+
+
 # ----------------------------------------------------------------------------- tables and plot
 def _configs(rows: list[dict]) -> list[dict]:
     return [r for r in rows if r["ratio"] and not r["variant"].startswith("baseline:")]
@@ -319,10 +358,30 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="a smaller dense model to set against the compressed one (repeatable)")
     p.add_argument("--batch-size", type=int, default=100, help="evaluation batch size")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
+    p.add_argument("--merge", type=Path, action="append", default=[], metavar="STUDY.json",
+                   help="join earlier studies of one model, evaluation set and calibration set into --out "
+                        "instead of running one (repeatable; a later file's rows replace an earlier one's)")
     p.add_argument("--out", type=Path, required=True, help="folder for study.json, study.md, study.png")
 
 
+def _read_study(path: Path) -> dict:
+    try:
+        result = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise RuntimeStageError(f"--merge {path}: not a readable study.json ({e}); pass the study.json a "
+                                "runtime study wrote") from None
+    if not isinstance(result, dict) or not result.get("rows") or result["rows"][0].get("variant") != "dense":
+        raise RuntimeStageError(f"--merge {path}: not a study.json (no dense row); pass the study.json a "
+                                "runtime study wrote")
+    return result
+
+
 def main(args: argparse.Namespace) -> int:
+    if args.merge:
+        result = merge([_read_study(p) for p in args.merge])
+        write(result, args.out)
+        print(format_markdown(result))
+        return 0
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     cfg = StudyConfig(model=args.model, out=args.out, checkpoint=args.checkpoint, pretrained=args.pretrained,

@@ -86,3 +86,35 @@ def test_headless_results_get_feature_tables_only(tmp_path):
     assert "Top-1" not in md and "headless" in md and "| whiten (default) | w | 0.910 / 0.50 |" in md
     study.plot(result, tmp_path / "s.png")
     assert (tmp_path / "s.png").stat().st_size > 5_000
+
+
+def _result(variant: str, top1: float, **over) -> dict:
+    rows = [dict(ratio=0.0, variant="dense", int8=False, params=100, top1=0.8),
+            dict(ratio=0.5, variant=variant, int8=False, params=50, removed=0.5, compress_seconds=3.0,
+                 top1=top1, agreement=0.9, feature_cosine=0.9, feature_cosine_min=0.5)]
+    return {"model": "m", "checkpoint": None, "data": "d", "num_images": 10, "num_calib": 8,
+            "default_variant": "seq", "recon_steps": 100, "finetune_steps": 300,
+            "variants": {variant: study.VARIANTS[variant][0]}, "rows": rows, "complete": True, **over}
+
+
+def test_merge_joins_comparable_studies_and_refuses_others(tmp_path):
+    a, b = _result("seq", 0.70), _result("distill", 0.72, finetune_steps=100)
+    merged = study.merge([a, b, _result("seq", 0.71)])   # the later seq row replaces the earlier
+    assert [(r["variant"], r["top1"]) for r in merged["rows"]] == [("dense", 0.8), ("seq", 0.71), ("distill", 0.72)]
+    assert merged["finetune_steps"] == 100 and set(merged["variants"]) == {"seq", "distill"}
+    assert "| distill | " in study.format_markdown(merged) and "distillation: 100 steps" in study.format_markdown(merged)
+    with pytest.raises(RuntimeStageError, match="different num_calib"):
+        study.merge([a, _result("whiten", 0.6, num_calib=16)])
+    with pytest.raises(RuntimeStageError, match="different --finetune-steps"):
+        study.merge([b, _result("distill", 0.6)])
+    (tmp_path / "a.json").write_text(json.dumps(a))
+    (tmp_path / "b.json").write_text(json.dumps(b))
+    (tmp_path / "bad.json").write_text("{}")
+    parser = __import__("argparse").ArgumentParser()
+    study.add_arguments(parser)
+    out = tmp_path / "out"
+    assert study.main(parser.parse_args(["--merge", str(tmp_path / "a.json"), "--merge", str(tmp_path / "b.json"),
+                                         "--out", str(out)])) == 0
+    assert len(json.loads((out / "study.json").read_text())["rows"]) == 3 and (out / "study.png").exists()
+    with pytest.raises(RuntimeStageError, match="not a study.json"):
+        study.main(parser.parse_args(["--merge", str(tmp_path / "bad.json"), "--out", str(out)]))
