@@ -40,7 +40,8 @@ from runtime.evaluate import resolve_data, score
 
 log = logging.getLogger(__name__)
 
-_OFF = dict(method="whiten", allocation="mixed", comp_rank=0, seq_refit=False, recon_steps=0, finetune_steps=0)
+_OFF = dict(method="whiten", allocation="mixed", comp_rank=0, seq_refit=False, recon_steps=0, finetune_steps=0,
+            sensitivity_images=0)
 # name -> (what the row shows, the compress options it sets on top of _OFF)
 VARIANTS: dict[str, tuple[str, dict]] = {
     "plain": ("plain SVD of W (baseline)", dict(method="plain")),
@@ -48,6 +49,7 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "whiten": ("whitened SVD, mixed ranks (paper §2-3)", {}),
     "comp": ("+ rank-8 compensation (paper §4)", dict(comp_rank=8)),
     "seq": ("+ sequential refit (held-out validated)", dict(seq_refit=True)),
+    "sens": ("+ sequential refit, ranks by end-to-end sensitivity", dict(seq_refit=True, sensitivity_images=32)),
     "recon": ("+ block reconstruction (held-out validated)", dict(recon_steps=-1)),
     "seq+recon": ("+ sequential refit + block reconstruction", dict(seq_refit=True, recon_steps=-1)),
     "distill": ("+ sequential refit + feature distillation", dict(seq_refit=True, finetune_steps=-1)),
