@@ -49,6 +49,7 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "whiten": ("whitened SVD, mixed ranks (paper §2-3)", {}),
     "comp": ("+ rank-8 compensation (paper §4)", dict(comp_rank=8)),
     "seq": ("+ sequential refit (held-out validated)", dict(seq_refit=True)),
+    "seq+uniform": ("+ sequential refit, uniform ranks", dict(seq_refit=True, allocation="uniform")),
     "sens": ("+ sequential refit, ranks by end-to-end sensitivity", dict(seq_refit=True, sensitivity_images=32)),
     "recon": ("+ block reconstruction (held-out validated)", dict(recon_steps=-1)),
     "seq+recon": ("+ sequential refit + block reconstruction", dict(seq_refit=True, recon_steps=-1)),
