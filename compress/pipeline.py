@@ -377,9 +377,16 @@ def _with_split(A, B, bias, lp):
                                       A[:, lp.rank:] if q else None, B[lp.rank:].T if q else None)
 
 
+SENSITIVITY_ROUNDS = 2   # measure, reallocate; re-measure the layers whose rank moved, reallocate again
+
+
 def plan_for(cfg: Config, prep: Prepared) -> tuple[Plan, dict | None]:
     """The rank plan of ``cfg`` on ``prep``: the saved one (--plan), or allocated under the budget
-    (reallocated by measured layer sensitivity with --sensitivity-images); and the sensitivities."""
+    (reallocated by measured layer sensitivity with --sensitivity-images); and the sensitivities.
+
+    A sensitivity is a slope measured at one rank, so it is measured again where the reallocation
+    moved a layer (one that was dense in the first plan only has the median weight to go on):
+    ``SENSITIVITY_ROUNDS`` rounds, each layer's latest measurement wins."""
     if cfg.plan is not None:
         plan = load_plan(cfg.plan)
         if plan.comp_rank != cfg.comp_rank:
@@ -390,14 +397,19 @@ def plan_for(cfg: Config, prep: Prepared) -> tuple[Plan, dict | None]:
                     latency=latency)
     if cfg.sensitivity_images <= 0:
         return plan, None
-    facts = prep.factors.layers
-    ranks = {lp.name: lp.rank for lp in plan.layers if not lp.dense}
-    sens = sensitivities(prep.model, {n: facts[n].factors for n in ranks}, ranks,
-                         {n: facts[n].error(r) for n, r in ranks.items()},
-                         _tensors(_first_images(prep.loader, cfg.sensitivity_images)))
-    return allocate(prep.factors, cfg.budget, granule=cfg.granule, comp_rank=cfg.comp_rank,
-                    allocation=cfg.allocation, curves=weighted_curves(prep.factors.curves(), sens),
-                    latency=latency), sens
+    facts, probes = prep.factors.layers, _tensors(_first_images(prep.loader, cfg.sensitivity_images))
+    sens: dict[str, float] = {}
+    measured: dict[str, int] = {}   # name -> the rank its sensitivity was measured at
+    for _ in range(SENSITIVITY_ROUNDS):
+        ranks = {lp.name: lp.rank for lp in plan.layers if not lp.dense and measured.get(lp.name) != lp.rank}
+        if not ranks:
+            break
+        sens.update(sensitivities(prep.model, {n: facts[n].factors for n in ranks}, ranks,
+                                  {n: facts[n].error(r) for n, r in ranks.items()}, probes))
+        measured.update(ranks)
+        plan = allocate(prep.factors, cfg.budget, granule=cfg.granule, comp_rank=cfg.comp_rank,
+                        allocation=cfg.allocation, curves=weighted_curves(prep.factors.curves(), sens), latency=latency)
+    return plan, sens
 
 
 def run(config: Config, reuse: Prepared | None = None) -> RunResult | None:

@@ -1,6 +1,8 @@
 """End-to-end layer sensitivity (compress/sensitivity.py): what the network amplifies keeps more rank."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import timm
 import torch
@@ -48,3 +50,27 @@ def test_pipeline_reallocates_by_sensitivity(tiny_config):
     assert res.manifest["params"]["after"] <= base.manifest["plan"]["target_params"]
     with pytest.raises(Exception, match="sensitivity-images"):
         tiny_config(sensitivity_images=-1)
+
+
+def test_plan_for_measures_again_where_the_reallocation_moved_a_layer(tiny_config, monkeypatch):
+    """A slope measured at one rank is re-measured at the rank the reallocation gave: the second
+    round measures exactly the layers whose rank moved (or that the first plan left dense)."""
+    from compress import pipeline
+
+    cfg = tiny_config(comp_rank=0, quant=False, ratio=0.5, sensitivity_images=4)
+    prep = pipeline.prepare(cfg)
+    real, calls = pipeline.sensitivities, []
+
+    def recording(model, factors, ranks, errors, images):
+        calls.append(dict(ranks))
+        return real(model, factors, ranks, errors, images)
+
+    monkeypatch.setattr(pipeline, "sensitivities", recording)
+    first, _ = pipeline.plan_for(dataclasses.replace(cfg, sensitivity_images=0), prep)
+    plan, sens = pipeline.plan_for(cfg, prep)
+    assert calls[0] == {lp.name: lp.rank for lp in first.layers if not lp.dense}
+    assert 1 <= len(calls) <= pipeline.SENSITIVITY_ROUNDS
+    for later in calls[1:]:
+        assert later and all(calls[0].get(n) != r for n, r in later.items())
+    assert set(sens) == set().union(*calls)
+    assert plan.params_after <= plan.target_params
