@@ -53,6 +53,8 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "sens": ("+ sequential refit, ranks by end-to-end sensitivity", dict(seq_refit=True, sensitivity_images=32)),
     "recon": ("+ block reconstruction (held-out validated)", dict(recon_steps=-1)),
     "seq+recon": ("+ sequential refit + block reconstruction", dict(seq_refit=True, recon_steps=-1)),
+    "sens+recon": ("+ sequential refit, sensitivity ranks, block reconstruction",
+                   dict(seq_refit=True, sensitivity_images=32, recon_steps=-1)),
     "distill": ("+ sequential refit + feature distillation", dict(seq_refit=True, finetune_steps=-1)),
     "distill-logits": ("+ sequential refit + logit distillation", dict(seq_refit=True, finetune_steps=-1,
                                                                         finetune_target="logits")),
