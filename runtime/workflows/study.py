@@ -211,14 +211,17 @@ def write(result: dict, out: Path) -> None:
 
 
 # what studies must share to sit in one table; and which steps-setting each variant's rows depend on
-_SAME = ("model", "checkpoint", "data", "num_images", "num_calib", "default_variant")
+_SAME = ("model", "checkpoint", "data", "num_images", "num_calib")
 _STEPS = ("recon_steps", "finetune_steps")
 
 
 def merge(results: list[dict]) -> dict:
     """One study from several run on the same model, images and calibration set (a long study in
     pieces, or rows added later): rows are joined, a later study's row replaces an earlier one's at the
-    same variant, budget and precision. Raises if the studies are not comparable."""
+    same variant, budget and precision. The row marked default is compress's default now (rows record
+    their variant's options, not the defaults of their day). Variants a stopped study never reached
+    are left out; the merge is complete when no variant lacks a budget. Raises if the studies are
+    not comparable."""
     def facts(r: dict) -> dict:
         dense = r["rows"][0]
         return {**{k: r.get(k) for k in _SAME}, "dense parameters": dense.get("params"), "dense top-1": dense.get("top1")}
@@ -230,22 +233,27 @@ def merge(results: list[dict]) -> dict:
             if a != b:
                 raise RuntimeStageError(f"cannot merge studies with different {key} ({a!r} vs {b!r}); merge only "
                                         "studies of one model, evaluation set and calibration set")
+    def measured(r: dict) -> set[str]:
+        return {row["variant"] for row in r["rows"][1:]}
+
     steps = {}
     for key in _STEPS:   # each steps setting from the studies whose rows use it
-        used = {r[key] for r in results
-                if any(VARIANTS.get(v, ("", {}))[1].get(key, 0) < 0 for v in r["variants"])}
+        used = {r[key] for r in results if any(VARIANTS.get(v, ("", {}))[1].get(key, 0) < 0 for v in measured(r))}
         if len(used) > 1:
             raise RuntimeStageError(f"cannot merge studies whose rows used different --{key.replace('_', '-')} "
                                     f"({sorted(used)}); rerun one of them with the other's")
         steps[key] = used.pop() if used else first[key]
     rows, variants = {}, {}
     for r in results:
-        variants.update(r["variants"])
+        variants.update({v: what for v, what in r["variants"].items() if v in measured(r)})
         for row in r["rows"][1:]:
             rows[(row["variant"], row["ratio"], row["int8"])] = row
+    ratios = {q for _, q, _ in rows}
+    # complete: every variant has its FP32 row at every budget (a stopped piece's missing variants are left out)
     return {**{k: first.get(k) for k in _SAME}, **steps, "variants": variants,
+            "default_variant": default_variant(steps["recon_steps"], steps["finetune_steps"]),
             "rows": [first["rows"][0]] + list(rows.values()),
-            "complete": all(r.get("complete", True) for r in results)}
+            "complete": all((v, q, False) in rows for v in variants for q in ratios)}
 
 
 # ----------------------------------------------------------------------------- tables and plot
@@ -319,12 +327,15 @@ def plot(result: dict, path: Path) -> None:
     for r in rows:
         if (r["variant"], r["int8"]) not in keys:
             keys.append((r["variant"], r["int8"]))
+    names = list(dict.fromkeys(v for v, _ in keys))   # one colour per variant, its INT8 row dashed
+    cmap = plt.get_cmap("tab20")
+    colour = {v: cmap((2 * i) % 20 + (2 * i) // 20 % 2) for i, v in enumerate(names)}
     for ax, (metric, label) in zip(axes[0], metrics):
         for variant, int8 in keys:
             pts = sorted((r["ratio"], r[metric]) for r in rows if (r["variant"], r["int8"]) == (variant, int8))
             scale = 100 if metric == "top1" else 1
             ax.plot([100 * p[0] for p in pts], [scale * p[1] for p in pts], "--" if int8 else "-", marker="o",
-                    lw=2.5 if variant == result.get("default_variant") else 1.2,
+                    color=colour[variant], lw=2.5 if variant == result.get("default_variant") else 1.2,
                     label=f"{variant}{' INT8' if int8 else ''}")
         if metric == "top1":
             ax.axhline(100 * dense["top1"], color="k", lw=1, label="dense")

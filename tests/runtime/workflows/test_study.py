@@ -103,6 +103,15 @@ def test_merge_joins_comparable_studies_and_refuses_others(tmp_path):
     assert [(r["variant"], r["top1"]) for r in merged["rows"]] == [("dense", 0.8), ("seq", 0.71), ("distill", 0.72)]
     assert merged["finetune_steps"] == 100 and set(merged["variants"]) == {"seq", "distill"}
     assert "| distill | " in study.format_markdown(merged) and "distillation: 100 steps" in study.format_markdown(merged)
+    assert merged["complete"] and merged["default_variant"] == study.default_variant(100, 100)
+    # a stopped piece: its unreached variant (and that variant's steps setting) is left out
+    stopped = _result("seq", 0.7, finetune_steps=100, complete=False,
+                      variants={"seq": "s", "distill": "d"})
+    joined = study.merge([stopped, _result("distill", 0.6)])   # distill rows at 300 steps: no conflict
+    assert set(joined["variants"]) == {"seq", "distill"} and joined["complete"] and joined["finetune_steps"] == 300
+    holey = _result("whiten", 0.6)
+    holey["rows"].append(dict(holey["rows"][1], ratio=0.6))
+    assert not study.merge([a, holey])["complete"]   # seq has no row at 0.6
     with pytest.raises(RuntimeStageError, match="different num_calib"):
         study.merge([a, _result("whiten", 0.6, num_calib=16)])
     with pytest.raises(RuntimeStageError, match="different --finetune-steps"):
