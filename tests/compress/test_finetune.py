@@ -26,7 +26,7 @@ def models(tmp_path_factory):
     try:
         res = run(Config(model="vit_cifar_ref", model_kwargs=dict(TINY_VIT), pretrained=False,
                          out=str(tmp_path_factory.mktemp("ft") / "c"), num_calib=16, batch_size=8, ratio=0.5,
-                         comp_rank=8, comp_steps=5, quant=False))
+                         comp_rank=8, comp_steps=5, quant=False, recon_steps=0, sensitivity_images=0))
         torch.manual_seed(0)  # the pipeline's dense model: same seed, same random init
         dense = load_model("vit_cifar_ref", pretrained=False, **TINY_VIT)
         images = load_image_set(default_calibration_for("vit_cifar_ref"), num=16, seed=0)

@@ -24,7 +24,7 @@ def test_every_public_name_exists():
 
 
 def test_verbs_chain_to_the_pipeline_model(tiny_config):
-    cfg = tiny_config(comp_rank=0, seq_refit=False, quant=False)
+    cfg = tiny_config(comp_rank=0, seq_refit=False, recon_steps=0, sensitivity_images=0, quant=False)
     prep = prepare(cfg)
     stats = collect(prep.model, prep.loader)
     factors = factorise(prep.model, stats, cfg.method)

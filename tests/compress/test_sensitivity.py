@@ -43,10 +43,12 @@ def test_weighted_curves_scale_each_layer_and_default_to_the_median():
 def test_pipeline_reallocates_by_sensitivity(tiny_config):
     from compress.pipeline import run
 
-    base = run(tiny_config(comp_rank=0, quant=False, ratio=0.5))
+    base = run(tiny_config(comp_rank=0, quant=False, ratio=0.5, sensitivity_images=0))
     res = run(tiny_config(comp_rank=0, quant=False, ratio=0.5, sensitivity_images=8))
+    assert base.manifest["sensitivity"] is None
     sens = res.manifest["sensitivity"]
-    assert sens and all(v > 0 for v in sens.values())
+    assert sens["weights"] and all(v > 0 for v in sens["weights"].values())
+    assert set(sens["measured_at_rank"]) == set(sens["weights"])
     assert res.manifest["params"]["after"] <= base.manifest["plan"]["target_params"]
     with pytest.raises(Exception, match="sensitivity-images"):
         tiny_config(sensitivity_images=-1)
@@ -72,5 +74,6 @@ def test_plan_for_measures_again_where_the_reallocation_moved_a_layer(tiny_confi
     assert 1 <= len(calls) <= pipeline.SENSITIVITY_ROUNDS
     for later in calls[1:]:
         assert later and all(calls[0].get(n) != r for n, r in later.items())
-    assert set(sens) == set().union(*calls)
+    assert set(sens["weights"]) == set().union(*calls)
+    assert sens["measured_at_rank"] == {n: r for c in calls for n, r in c.items()}   # the latest rank wins
     assert plan.params_after <= plan.target_params

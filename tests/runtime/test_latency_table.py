@@ -82,7 +82,7 @@ def test_compress_with_the_table_records_predicted_latency(tiny_table, tiny_base
     path = table.save(tmp_path / "table.json")
     lt = LatencyTarget(table, "int8", 1)
     res = compress_run(tiny_base_config(out=str(tmp_path / "c"), latency_table=str(path), quant=False,
-                                        seq_refit=False, heldout=0))
+                                        seq_refit=False, recon_steps=0, heldout=0))
     lat = res.manifest["latency"]
     assert lat["precision"] == "int8" and lat["backend"] == "ort"
     for lp in res.plan.layers:   # every factorised width is one the table says is faster
@@ -94,6 +94,7 @@ def test_compress_with_the_table_records_predicted_latency(tiny_table, tiny_base
     target = 0.5 * (lat["dense_predicted_ms"]["1"] + lt.rest_ms() + sum(
         min(lt.layer_states(l.out_features, l.in_features, l.tokens, [16])) for l in res.plan.layers))
     res2 = compress_run(tiny_base_config(out=str(tmp_path / "c2"), ratio=None, target_latency_ms=target,
-                                         latency_table=str(path), quant=False, seq_refit=False, heldout=0))
+                                         latency_table=str(path), quant=False, seq_refit=False, recon_steps=0,
+                                         heldout=0))
     assert res2.manifest["latency"]["predicted_ms"]["1"] <= target + 1e-9
     assert res2.manifest["budget"]["kind"] == "latency"
