@@ -71,7 +71,7 @@ def test_plan_for_measures_again_where_the_reallocation_moved_a_layer(tiny_confi
     first, _ = pipeline.plan_for(dataclasses.replace(cfg, sensitivity_images=0), prep)
     plan, sens = pipeline.plan_for(cfg, prep)
     assert calls[0] == {lp.name: lp.rank for lp in first.layers if not lp.dense}
-    assert 1 <= len(calls) <= pipeline.SENSITIVITY_ROUNDS
+    assert len(calls) == pipeline.SENSITIVITY_ROUNDS   # the tiny ViT's reallocation does move layers
     for later in calls[1:]:
         assert later and all(calls[0].get(n) != r for n, r in later.items())
     assert set(sens["weights"]) == set().union(*calls)
