@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 
 _OFF = dict(method="whiten", allocation="mixed", comp_rank=0, seq_refit=False, recon_steps=0, finetune_steps=0,
             sensitivity_images=0)
+_PROBES = config_defaults()["sensitivity_images"]   # the sensitivity rows use compress's own probe count
 # name -> (what the row shows, the compress options it sets on top of _OFF)
 VARIANTS: dict[str, tuple[str, dict]] = {
     "plain": ("plain SVD of W (baseline)", dict(method="plain")),
@@ -50,11 +51,11 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "comp": ("+ rank-8 compensation (paper §4)", dict(comp_rank=8)),
     "seq": ("+ sequential refit (held-out validated)", dict(seq_refit=True)),
     "seq+uniform": ("+ sequential refit, uniform ranks", dict(seq_refit=True, allocation="uniform")),
-    "sens": ("+ sequential refit, ranks by end-to-end sensitivity", dict(seq_refit=True, sensitivity_images=32)),
+    "sens": ("+ sequential refit, ranks by end-to-end sensitivity", dict(seq_refit=True, sensitivity_images=_PROBES)),
     "recon": ("+ block reconstruction (held-out validated)", dict(recon_steps=-1)),
     "seq+recon": ("+ sequential refit + block reconstruction", dict(seq_refit=True, recon_steps=-1)),
     "sens+recon": ("+ sequential refit, sensitivity ranks, block reconstruction",
-                   dict(seq_refit=True, sensitivity_images=32, recon_steps=-1)),
+                   dict(seq_refit=True, sensitivity_images=_PROBES, recon_steps=-1)),
     "distill": ("+ sequential refit + feature distillation", dict(seq_refit=True, finetune_steps=-1)),
     "distill-logits": ("+ sequential refit + logit distillation", dict(seq_refit=True, finetune_steps=-1,
                                                                         finetune_target="logits")),
@@ -328,8 +329,8 @@ def plot(result: dict, path: Path) -> None:
         if (r["variant"], r["int8"]) not in keys:
             keys.append((r["variant"], r["int8"]))
     names = list(dict.fromkeys(v for v, _ in keys))   # one colour per variant, its INT8 row dashed
-    cmap = plt.get_cmap("tab20")
-    colour = {v: cmap((2 * i) % 20 + (2 * i) // 20 % 2) for i, v in enumerate(names)}
+    order = [*range(0, 20, 2), *range(1, 20, 2)]      # tab20's dark shades first, then the light ones
+    colour = {v: plt.get_cmap("tab20")(order[i % 20]) for i, v in enumerate(names)}
     for ax, (metric, label) in zip(axes[0], metrics):
         for variant, int8 in keys:
             pts = sorted((r["ratio"], r[metric]) for r in rows if (r["variant"], r["int8"]) == (variant, int8))

@@ -16,8 +16,8 @@ def test_parser_defaults_and_budget_exclusivity():
     a = get_parser().parse_args(["--model", "m", "--ratio", "0.6", "--out", "o"])
     assert (a.method, a.allocation, a.granule, a.comp_rank, a.no_quant, a.pretrained) == \
         ("whiten", "mixed", 8, 0, False, None)
-    # the measured best on the real ViT-S/14 (issue 10): sequential refit on, judged on held-out images
-    assert (a.seq_refit, a.heldout, a.recon_steps) == (True, 64, 100)
+    # the measured best on the real ViT-S/14 (issue 10): sensitivity ranks, sequential refit, reconstruction
+    assert (a.seq_refit, a.heldout, a.recon_steps, a.sensitivity_images) == (True, 64, 100, 32)
     for argv in (["--model", "m", "--out", "o"],                                   # no budget
                  ["--model", "m", "--ratio", "0.5", "--params", "10", "--out", "o"],  # two budgets
                  ["--model", "m", "--ratio", "0.5", "--out", "o", "--method", "svd"]):
