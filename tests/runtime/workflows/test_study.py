@@ -62,6 +62,14 @@ def test_the_default_row_is_compress_s_own_defaults():
     assert study.variant_options(name, 100, 300).items() <= {**defaults, "recon_steps": defaults["recon_steps"]}.items()
 
 
+def test_every_variant_sets_valid_compress_options():
+    from compress.pipeline import Config
+
+    for name in study.VARIANTS:       # a misspelt or out-of-range option fails here, not hours into a study
+        cfg = Config(model="m", out="o", ratio=0.5, **study.variant_options(name, 100, 300))
+        assert all(getattr(cfg, k) == v for k, v in study.variant_options(name, 100, 300).items())
+
+
 def test_smaller_dense_baseline_is_reported_by_parameter_count(study_result):
     result, out = study_result
     base = [r for r in result["rows"] if r["variant"] == "baseline:vit_cifar_narrow"]
