@@ -66,8 +66,9 @@ def test_every_variant_sets_valid_compress_options():
     from compress.pipeline import Config
 
     for name in study.VARIANTS:       # a misspelt or out-of-range option fails here, not hours into a study
-        cfg = Config(model="m", out="o", ratio=0.5, **study.variant_options(name, 100, 300))
-        assert all(getattr(cfg, k) == v for k, v in study.variant_options(name, 100, 300).items())
+        opts = study.variant_options(name, 100, 300)
+        cfg = Config(model="m", out="o", ratio=0.5, **opts)
+        assert all(getattr(cfg, k) == v for k, v in opts.items())
 
 
 def test_smaller_dense_baseline_is_reported_by_parameter_count(study_result):
