@@ -89,6 +89,13 @@ def get_parser() -> argparse.ArgumentParser:
                         f"block's outputs, no labels (0: off; default {d['recon_steps']})")
     g.add_argument("--recon-lr", type=float, default=d["recon_lr"],
                    help=f"reconstruction step, relative to each tensor's RMS (default {d['recon_lr']:g})")
+    g.add_argument("--recon-readout", action=argparse.BooleanOptionalAction, default=d["recon_readout"],
+                   help="reconstruct (and judge) the last block on what the head reads (final norm and pooling: "
+                        "the CLS token of a ViT) instead of every output token (default "
+                        f"{'on' if d['recon_readout'] else 'off'}: on the real ViT-S/14 it did not raise top-1)")
+    g.add_argument("--recon-readout-weight", type=float, default=d["recon_readout_weight"], metavar="W",
+                   help="the other blocks' reconstruction also compares what the head would read of them, "
+                        f"weighted W times the tokens (default {d['recon_readout_weight']:g}: off)")
     g.add_argument("--refine-damping", type=float, default=d["refine_damping"],
                    help=f"ridge of the refit's input Gram, relative to its mean diagonal (default {d['refine_damping']:g})")
     g.add_argument("--sensitivity-images", type=int, default=d["sensitivity_images"], metavar="N",
@@ -137,7 +144,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
                   comp_damping=args.comp_damping, quant=not args.no_quant,
                   quant_calib=args.quant_calib, percentile=args.percentile, include_head=args.include_head,
                   stats_cache=cache, device=args.device, heldout=args.heldout, seq_refit=args.seq_refit,
-                  recon_steps=args.recon_steps, recon_lr=args.recon_lr, refine_damping=args.refine_damping,
+                  recon_steps=args.recon_steps, recon_lr=args.recon_lr, recon_readout=args.recon_readout,
+                  recon_readout_weight=args.recon_readout_weight, refine_damping=args.refine_damping,
                   sensitivity_images=args.sensitivity_images)
 
 

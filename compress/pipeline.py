@@ -87,6 +87,8 @@ class Config:
     recon_steps: int = 100               # block-wise reconstruction steps per block (0: off; refine.py; on the
                                          # real ViT-S/14 +0.1 to +2.5 top-1 points over the sensitivity ranks alone)
     recon_lr: float = 1e-3
+    recon_readout: bool = False          # the last stage is reconstructed against what the head reads (refine.py)
+    recon_readout_weight: float = 0.0    # earlier stages: what the head would read of them, at this share
     refine_damping: float = 1e-2         # ridge of the refinement's C~, relative to its mean diagonal
     finetune_steps: int = 0              # distillation steps on the calibration images (0: off, the paper's setting)
     finetune_lr: float = 1e-5
@@ -127,8 +129,8 @@ class Config:
             raise CompressError(f"--percentile must be in (50, 100], got {self.percentile}")
         if self.refines and self.heldout < 1:
             raise CompressError("--seq-refit/--recon-steps are validated on held-out images: give --heldout >= 1")
-        if not self.recon_lr > 0 or not self.refine_damping >= 0:
-            raise CompressError("--recon-lr must be > 0 and --refine-damping >= 0")
+        if not self.recon_lr > 0 or not self.refine_damping >= 0 or not self.recon_readout_weight >= 0:
+            raise CompressError("--recon-lr must be > 0, --refine-damping and --recon-readout-weight >= 0")
         if not self.finetune_lr > 0:
             raise CompressError(f"--finetune-lr must be > 0, got {self.finetune_lr}")
         if self.finetune_target not in TARGETS:
@@ -466,7 +468,8 @@ def run(config: Config, reuse: Prepared | None = None) -> RunResult | None:
     refined = None
     if cfg.refines and pairs:
         rcfg = RefineConfig(seq=cfg.seq_refit, recon_steps=cfg.recon_steps, recon_lr=cfg.recon_lr,
-                            damping=cfg.refine_damping, seed=cfg.seed)
+                            damping=cfg.refine_damping, readout=cfg.recon_readout,
+                            readout_weight=cfg.recon_readout_weight, seed=cfg.seed)
         refined = refine_(model, compressed, _tensors(loader), held_x, rcfg)
         lap("refinement")
 

@@ -13,7 +13,10 @@ are refitted to ``min ||W X - W' X~||``: with C~ = X~ X~^T (damped) = L L^T and 
 
 ``recon`` -- block-wise reconstruction: Adam on the block's factors and biases against the dense
 block's outputs, ``min E || blk~(h~) - blk(h) ||^2 / E ||blk(h)||^2`` on minibatches of fit images
-(no labels), cosine learning rate, best held-out iterate kept.
+(no labels), cosine learning rate, best held-out iterate kept. Optionally (``readout``) the last
+block is fitted and judged on what the head reads of it (final norm, pooling: a ViT's CLS token)
+instead of every token, and (``readout_weight``) the other blocks on their tokens plus that readout;
+on the real ViT-S/14 neither raised top-1 (README), so both are off by default.
 
 A block keeps a refinement only if it lowers the block's held-out output error; the manifest
 records every candidate's error and what was kept. ``refine_`` finally compares the whole
@@ -47,6 +50,8 @@ class RefineConfig:
     recon_lr: float = 1e-3      # Adam step, relative to each tensor's RMS
     recon_batch: int = 16       # images per reconstruction step
     damping: float = 1e-2       # ridge of C~, relative to its mean diagonal
+    readout: bool = False       # last stage: compare what the head reads (final norm, pooling), not every token
+    readout_weight: float = 0.0  # other stages: add what the head would read of them, at this share of the tokens'
     seed: int = 0
 
     @property
@@ -68,11 +73,14 @@ def fit_sequential(W: torch.Tensor, Ct: torch.Tensor, D: torch.Tensor, rank: int
     return A.float(), B.float()
 
 
-def _block_error(block: nn.Module, hs: list[torch.Tensor], targets: list[torch.Tensor]) -> float:
+def _block_error(block: nn.Module, hs: list[torch.Tensor], targets: list[torch.Tensor], readout=None) -> float:
+    """Relative squared error of ``block`` on ``hs`` against ``targets`` (read through ``readout``)."""
     num = den = 0.0
     with torch.no_grad():
         for x, t in zip(hs, targets):
             y = block(x)
+            if readout is not None:
+                y, t = readout(y), readout(t)
             num += float((y - t).double().pow(2).sum())
             den += float(t.double().pow(2).sum())
     return num / den if den > 0 else 0.0
@@ -123,14 +131,17 @@ def _seq_refit_(dense_block: nn.Module, block: nn.Module, prefix: str, layers: l
 
 
 def _reconstruct_(block: nn.Module, ht: list, targets: list, val_ht: list, val_targets: list,
-                  cfg: RefineConfig, start_error: float) -> tuple[float, int]:
-    """Adam on the block's low-rank factors and their biases; keeps the best held-out iterate."""
+                  cfg: RefineConfig, start_error: float, readout=None) -> tuple[float, int]:
+    """Adam on the block's low-rank factors and their biases; keeps the best held-out iterate.
+    ``readout``: what of the block's output is compared (None: every token)."""
+    out = readout or (lambda y: y)
     balance_factors_(block)
     params = [p for m in lowrank_layers(block).values() for p in m.parameters()]
     if not params:
         return start_error, 0
     x_all = torch.cat(ht)
-    t_all = torch.cat(targets)
+    with torch.no_grad():
+        t_all = out(torch.cat(targets))
     energy = float(t_all.pow(2).mean())
     gen = torch.Generator().manual_seed(cfg.seed)
     scales = [float(p.detach().pow(2).mean().sqrt()) or 1.0 for p in params]
@@ -144,7 +155,7 @@ def _reconstruct_(block: nn.Module, ht: list, targets: list, val_ht: list, val_t
         for step in range(1, cfg.recon_steps + 1):
             idx = torch.randint(len(x_all), (min(cfg.recon_batch, len(x_all)),), generator=gen)
             with torch.enable_grad():
-                loss = (block(x_all[idx]) - t_all[idx]).pow(2).mean() / energy
+                loss = (out(block(x_all[idx])) - t_all[idx]).pow(2).mean() / energy
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
             if not torch.isfinite(loss):
@@ -154,7 +165,7 @@ def _reconstruct_(block: nn.Module, ht: list, targets: list, val_ht: list, val_t
                 g["lr"] = lr * f
             opt.step()
             if step % check == 0 or step == cfg.recon_steps:
-                err = _block_error(block, val_ht, val_targets)
+                err = _block_error(block, val_ht, val_targets, readout)
                 if err < best[0]:
                     best = (err, [p.detach().clone() for p in params], step)
     finally:
@@ -185,6 +196,20 @@ def heldout_cosine(dense: nn.Module, model: nn.Module, images: list[torch.Tensor
     return output_cosine(ours, ref)
 
 
+def _readout(dense: nn.Module, targets: list, last: bool, cfg: RefineConfig):
+    """What of a stage's output the refinement compares (None: every token)."""
+    feats = lambda y: run_stage(dense, "features", y)
+    if last and cfg.readout:
+        return feats
+    if cfg.readout_weight <= 0:
+        return None
+    with torch.no_grad():
+        tok = sum(float(t.double().pow(2).sum()) for t in targets)
+        pooled = sum(float(feats(t).double().pow(2).sum()) for t in targets)
+    c = math.sqrt(cfg.readout_weight * tok / max(pooled, 1e-30))
+    return lambda y: torch.cat([y.flatten(1), c * feats(y)], 1)
+
+
 @torch.no_grad()
 def refine_(dense: nn.Module, compressed: nn.Module, fit_images: list[torch.Tensor],
             heldout_images: list[torch.Tensor], cfg: RefineConfig) -> dict:
@@ -198,27 +223,28 @@ def refine_(dense: nn.Module, compressed: nn.Module, fit_images: list[torch.Tens
     hv_plain = list(hv)
     blocks = {}
     names = list(lowrank_layers(compressed))
-    for stage, layers in tqdm([(s, ls) for s, ls in stages(dense, names) if s not in ("embed", "tail")],
-                              desc="refinement", unit="block", mininterval=5, disable=None):
+    plan = [(s, ls) for s, ls in stages(dense, names) if s not in ("embed", "tail")]
+    for stage, layers in tqdm(plan, desc="refinement", unit="block", mininterval=5, disable=None):
         dense_block = dense.get_submodule(stage)
         block = compressed.get_submodule(stage)
         targets, inputs = _dense_pass(dense_block, stage, layers if cfg.seq else [], h)
+        readout = _readout(dense, targets, last=stage == plan[-1][0], cfg=cfg)
         val_targets = [dense_block(x) for x in hv]
         info = {}
         if layers:
-            info["plain"] = _block_error(block, hvt, val_targets)
+            info["plain"] = _block_error(block, hvt, val_targets, readout)
             kept, best = "plain", info["plain"]
             if cfg.seq:
                 cand = copy.deepcopy(block)
                 _seq_refit_(dense_block, cand, stage, layers, inputs, ht, cfg.damping)
-                info["seq"] = _block_error(cand, hvt, val_targets)
+                info["seq"] = _block_error(cand, hvt, val_targets, readout)
                 if info["seq"] < best:
                     kept, best = "seq", info["seq"]
                     replace_module_(compressed, stage, cand)
                     block = cand
             if cfg.recon_steps > 0:
                 cand = copy.deepcopy(block)
-                err, step = _reconstruct_(cand, ht, targets, hvt, val_targets, cfg, best)
+                err, step = _reconstruct_(cand, ht, targets, hvt, val_targets, cfg, best, readout)
                 info["recon"] = err
                 info["recon_best_step"] = step
                 if step > 0 and err < best:
@@ -244,7 +270,8 @@ def refine_(dense: nn.Module, compressed: nn.Module, fit_images: list[torch.Tens
         for name, mod in lowrank_layers(plain).items():
             replace_module_(compressed, name, mod)
     return {"config": {"seq": cfg.seq, "recon_steps": cfg.recon_steps, "recon_lr": cfg.recon_lr,
-                       "recon_batch": cfg.recon_batch, "damping": cfg.damping},
+                       "recon_batch": cfg.recon_batch, "damping": cfg.damping,
+                       "readout": cfg.readout, "readout_weight": cfg.readout_weight},
             "fit_images": sum(len(x) for x in fit_images), "heldout_images": sum(len(x) for x in heldout_images),
             "heldout_output_cosine_plain": {"mean": before[0], "min": before[1]},
             "heldout_output_cosine_refined": {"mean": after[0], "min": after[1]},

@@ -87,7 +87,7 @@ def test_a_refinement_that_hurts_end_to_end_is_reverted(monkeypatch):
         for mod in lowrank_layers(block).values():
             mod.second.weight.mul_(-3.0)
     monkeypatch.setattr(refine, "_seq_refit_", harmful)   # ... which a fooled block check accepts
-    monkeypatch.setattr(refine, "_block_error", lambda block, hs, ts: 0.0 if getattr(block, "harmed", False) else 1.0)
+    monkeypatch.setattr(refine, "_block_error", lambda block, hs, ts, readout=None: 0.0 if getattr(block, "harmed", False) else 1.0)
     g = torch.Generator().manual_seed(2)
     report = refine_(dense, comp, [torch.randn(4, 3, 32, 32, generator=g)], [torch.randn(4, 3, 32, 32, generator=g)],
                      RefineConfig(seq=True))
@@ -135,3 +135,57 @@ def test_compensation_is_dropped_when_the_svd_at_full_width_does_better_on_held_
     for name, mod in lowrank_layers(res.model).items():
         lp = next(l for l in res.manifest["plan"]["layers"] if l["name"] == name)
         assert mod.first.weight.shape[0] == lp["rank"] + lp["comp_rank"]
+
+
+def test_readout_judges_the_last_block_on_what_the_head_reads():
+    """With ``readout`` the last block's held-out errors are the relative error of the final features
+    (norm, pooling: the CLS token), not of every output token; reconstruction then lowers that error."""
+    import timm
+
+    from compress.models import features_and_logits
+
+    torch.manual_seed(0)
+    dense = timm.create_model("vit_cifar_ref", pretrained=False, depth=1, embed_dim=64, num_heads=2).eval()
+    comp = copy.deepcopy(dense)
+    for name, mod in list(comp.named_modules()):
+        if isinstance(mod, torch.nn.Linear) and name.startswith("blocks."):
+            U, S, Vh = torch.linalg.svd(mod.weight.detach(), full_matrices=False)
+            replace_module_(comp, name, LowRankLinear.from_factors(U[:, :4] * S[:4], Vh[:4], mod.bias.detach()))
+    g = torch.Generator().manual_seed(3)
+    fit, held = [torch.randn(16, 3, 32, 32, generator=g)], [torch.randn(8, 3, 32, 32, generator=g)]
+    with torch.no_grad():
+        ref, ours = features_and_logits(dense, held[0])[0], features_and_logits(comp, held[0])[0]
+    feature_error = float((ours - ref).double().pow(2).sum() / ref.double().pow(2).sum())
+    reports = {}
+    for readout in (False, True):
+        c = copy.deepcopy(comp)
+        reports[readout] = refine_(dense, c, fit, held, RefineConfig(seq=False, recon_steps=40, recon_batch=8,
+                                                                    readout=readout))["blocks"]["blocks.0"]
+    assert reports[True]["plain"] == pytest.approx(feature_error, rel=1e-5)
+    assert reports[False]["plain"] != pytest.approx(feature_error, rel=1e-2)   # every token: another number
+    assert reports[True]["kept"] == "recon" and reports[True]["recon"] < reports[True]["plain"]
+
+
+def test_readout_weight_gives_the_pooled_features_that_share_of_the_tokens_energy():
+    """Earlier stages with ``readout_weight`` w compare every token plus the pooled, normalised features
+    scaled so that on the dense targets they weigh w times the tokens; the last stage only the features."""
+    import timm
+
+    from compress.refine import _readout
+
+    torch.manual_seed(0)
+    dense = timm.create_model("vit_cifar_ref", pretrained=False, depth=2, embed_dim=64, num_heads=2).eval()
+    targets = [torch.randn(4, 65, 64) * 3, torch.randn(2, 65, 64)]
+    tok = sum(float(t.double().pow(2).sum()) for t in targets)
+    for w in (0.5, 2.0):
+        r = _readout(dense, targets, last=False, cfg=RefineConfig(readout_weight=w))
+        with torch.no_grad():
+            out = [r(t) for t in targets]
+        assert all(o.shape == (len(t), 65 * 64 + 64) for o, t in zip(out, targets))
+        assert torch.equal(out[0][:, :65 * 64], targets[0].flatten(1))
+        pooled = sum(float(o[:, 65 * 64:].double().pow(2).sum()) for o in out)
+        assert pooled == pytest.approx(w * tok, rel=1e-5)
+    assert _readout(dense, targets, last=False, cfg=RefineConfig()) is None
+    last = _readout(dense, targets, last=True, cfg=RefineConfig(readout=True, readout_weight=1.0))
+    with torch.no_grad():
+        assert torch.equal(last(targets[1]), dense.forward_head(dense.norm(targets[1]), pre_logits=True))
