@@ -38,11 +38,11 @@ def test_fit_sequential_is_the_reduced_rank_least_squares_optimum():
     assert best < err(Aw.double() @ Bw.double())
 
 
-def _compressed_pair(rank=8):
+def _compressed_pair(rank=8, depth=2):
     import timm
 
     torch.manual_seed(0)
-    dense = timm.create_model("vit_cifar_ref", pretrained=False, depth=2, embed_dim=64, num_heads=2).eval()
+    dense = timm.create_model("vit_cifar_ref", pretrained=False, depth=depth, embed_dim=64, num_heads=2).eval()
     comp = copy.deepcopy(dense)
     for name, mod in list(comp.named_modules()):
         if isinstance(mod, torch.nn.Linear) and name.startswith("blocks."):
@@ -140,17 +140,9 @@ def test_compensation_is_dropped_when_the_svd_at_full_width_does_better_on_held_
 def test_readout_judges_the_last_block_on_what_the_head_reads():
     """With ``readout`` the last block's held-out errors are the relative error of the final features
     (norm, pooling: the CLS token), not of every output token; reconstruction then lowers that error."""
-    import timm
-
     from compress.models import features_and_logits
 
-    torch.manual_seed(0)
-    dense = timm.create_model("vit_cifar_ref", pretrained=False, depth=1, embed_dim=64, num_heads=2).eval()
-    comp = copy.deepcopy(dense)
-    for name, mod in list(comp.named_modules()):
-        if isinstance(mod, torch.nn.Linear) and name.startswith("blocks."):
-            U, S, Vh = torch.linalg.svd(mod.weight.detach(), full_matrices=False)
-            replace_module_(comp, name, LowRankLinear.from_factors(U[:, :4] * S[:4], Vh[:4], mod.bias.detach()))
+    dense, comp = _compressed_pair(rank=4, depth=1)
     g = torch.Generator().manual_seed(3)
     fit, held = [torch.randn(16, 3, 32, 32, generator=g)], [torch.randn(8, 3, 32, 32, generator=g)]
     with torch.no_grad():
