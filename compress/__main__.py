@@ -15,6 +15,7 @@ from .artifact import replace_refusal
 from .distributed import is_main
 from .errors import CompressError
 from .finetune import TARGETS
+from .refine import RECON_PARAMS
 from .options import (add_calibration_arguments, add_method_arguments, add_model_options, add_weights_arguments,
                       model_options)
 from .pipeline import Config, config_defaults, default_stats_cache, run
@@ -89,6 +90,9 @@ def get_parser() -> argparse.ArgumentParser:
                         f"block's outputs, no labels (0: off; default {d['recon_steps']})")
     g.add_argument("--recon-lr", type=float, default=d["recon_lr"],
                    help=f"reconstruction step, relative to each tensor's RMS (default {d['recon_lr']:g})")
+    g.add_argument("--recon-params", choices=RECON_PARAMS, default=d["recon_params"],
+                   help="what reconstruction tunes: the low-rank factors and their biases, or every parameter "
+                        f"of the block (norms, layer scales, layers left dense too; default {d['recon_params']})")
     g.add_argument("--recon-readout", action=argparse.BooleanOptionalAction, default=d["recon_readout"],
                    help="reconstruct (and judge) the last block on what the head reads (final norm and pooling: "
                         "the CLS token of a ViT) instead of every output token (default "
@@ -144,7 +148,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
                   comp_damping=args.comp_damping, quant=not args.no_quant,
                   quant_calib=args.quant_calib, percentile=args.percentile, include_head=args.include_head,
                   stats_cache=cache, device=args.device, heldout=args.heldout, seq_refit=args.seq_refit,
-                  recon_steps=args.recon_steps, recon_lr=args.recon_lr, recon_readout=args.recon_readout,
+                  recon_steps=args.recon_steps, recon_lr=args.recon_lr, recon_params=args.recon_params,
+                  recon_readout=args.recon_readout,
                   recon_readout_weight=args.recon_readout_weight, refine_damping=args.refine_damping,
                   sensitivity_images=args.sensitivity_images)
 

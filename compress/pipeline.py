@@ -37,7 +37,7 @@ from .latency import latency_target
 from .lowrank import LowRankLinear, replace_module_
 from .models import compressible_layers, count_params, load_model_with_spec, weights_fingerprint
 from .quantize import ACT_SCHEME, WEIGHT_SCHEME, fake_quant_error, model_outputs, output_error, ranges_from_states
-from .refine import RefineConfig, heldout_cosine, refine_
+from .refine import RECON_PARAMS, RefineConfig, heldout_cosine, refine_
 from .sensitivity import sensitivities, weighted_curves
 from .stats import Stats
 from .svd import DEFAULT_DAMPING, METHODS
@@ -87,6 +87,7 @@ class Config:
     recon_steps: int = 100               # block-wise reconstruction steps per block (0: off; refine.py; on the
                                          # real ViT-S/14 +0.1 to +2.5 top-1 points over the sensitivity ranks alone)
     recon_lr: float = 1e-3
+    recon_params: str = "factors"        # what reconstruction tunes: the factors, or the whole block (refine.py)
     recon_readout: bool = False          # the last stage is reconstructed against what the head reads (refine.py)
     recon_readout_weight: float = 0.0    # earlier stages: what the head would read of them, at this share
     refine_damping: float = 1e-2         # ridge of the refinement's C~, relative to its mean diagonal
@@ -129,6 +130,8 @@ class Config:
             raise CompressError(f"--percentile must be in (50, 100], got {self.percentile}")
         if self.refines and self.heldout < 1:
             raise CompressError("--seq-refit/--recon-steps are validated on held-out images: give --heldout >= 1")
+        if self.recon_params not in RECON_PARAMS:
+            raise CompressError(f"unknown --recon-params {self.recon_params!r}; use {' or '.join(RECON_PARAMS)}")
         if not self.recon_lr > 0 or not self.refine_damping >= 0 or not self.recon_readout_weight >= 0:
             raise CompressError("--recon-lr must be > 0, --refine-damping and --recon-readout-weight >= 0")
         if not self.finetune_lr > 0:
@@ -468,6 +471,7 @@ def run(config: Config, reuse: Prepared | None = None) -> RunResult | None:
     refined = None
     if cfg.refines and pairs:
         rcfg = RefineConfig(seq=cfg.seq_refit, recon_steps=cfg.recon_steps, recon_lr=cfg.recon_lr,
+                            recon_params=cfg.recon_params,
                             damping=cfg.refine_damping, readout=cfg.recon_readout,
                             readout_weight=cfg.recon_readout_weight, seed=cfg.seed)
         refined = refine_(model, compressed, _tensors(loader), held_x, rcfg)

@@ -11,7 +11,8 @@ layer's X~ already comes from the refined earlier layers of the same block), the
 are refitted to ``min ||W X - W' X~||``: with C~ = X~ X~^T (damped) = L L^T and D = X X~^T,
 ``W' = svd_r(T L) L^-1``, T = W D C~^-1. Only Grams; no stored activations.
 
-``recon`` -- block-wise reconstruction: Adam on the block's factors and biases against the dense
+``recon`` -- block-wise reconstruction: Adam on the block's factors and biases (``recon_params``
+"block": on all its parameters, norms and layer scales and layers left dense too) against the dense
 block's outputs, ``min E || blk~(h~) - blk(h) ||^2 / E ||blk(h)||^2`` on minibatches of fit images
 (no labels), cosine learning rate, best held-out iterate kept. Optionally (``readout``) the last
 block is fitted and judged on what the head reads of it (final norm, pooling: a ViT's CLS token)
@@ -43,16 +44,25 @@ from .svd import damped_cholesky
 log = logging.getLogger(__name__)
 
 
+RECON_PARAMS = ("factors", "block")
+
+
 @dataclass(frozen=True)
 class RefineConfig:
     seq: bool = True            # sequential refit of the factors
     recon_steps: int = 0        # block-wise reconstruction steps per block (0: off)
     recon_lr: float = 1e-3      # Adam step, relative to each tensor's RMS
     recon_batch: int = 16       # images per reconstruction step
+    recon_params: str = "factors"  # what reconstruction tunes: "factors" (low-rank factors and their biases)
+                                # or "block" (every parameter of the block: also norms, layer scales, dense layers)
     damping: float = 1e-2       # ridge of C~, relative to its mean diagonal
     readout: bool = False       # last stage: compare what the head reads (final norm, pooling), not every token
     readout_weight: float = 0.0  # other stages: add what the head would read of them, at this share of the tokens'
     seed: int = 0
+
+    def __post_init__(self):
+        if self.recon_params not in RECON_PARAMS:
+            raise ValueError(f"recon_params must be one of {RECON_PARAMS}, got {self.recon_params!r}")
 
     @property
     def enabled(self) -> bool:
@@ -137,6 +147,8 @@ def _reconstruct_(block: nn.Module, ht: list, targets: list, val_ht: list, val_t
     out = readout or (lambda y: y)
     balance_factors_(block)
     params = [p for m in lowrank_layers(block).values() for p in m.parameters()]
+    if params and cfg.recon_params == "block":
+        params = list(block.parameters())
     if not params:
         return start_error, 0
     x_all = torch.cat(ht)
@@ -270,7 +282,7 @@ def refine_(dense: nn.Module, compressed: nn.Module, fit_images: list[torch.Tens
         for name, mod in lowrank_layers(plain).items():
             replace_module_(compressed, name, mod)
     return {"config": {"seq": cfg.seq, "recon_steps": cfg.recon_steps, "recon_lr": cfg.recon_lr,
-                       "recon_batch": cfg.recon_batch, "damping": cfg.damping,
+                       "recon_batch": cfg.recon_batch, "recon_params": cfg.recon_params, "damping": cfg.damping,
                        "readout": cfg.readout, "readout_weight": cfg.readout_weight},
             "fit_images": sum(len(x) for x in fit_images), "heldout_images": sum(len(x) for x in heldout_images),
             "heldout_output_cosine_plain": {"mean": before[0], "min": before[1]},

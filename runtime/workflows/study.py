@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 
 _OFF = dict(method="whiten", allocation="mixed", comp_rank=0, seq_refit=False, recon_steps=0, finetune_steps=0,
             sensitivity_images=0, recon_readout=False,
-            recon_readout_weight=0.0)
+            recon_readout_weight=0.0, recon_params="factors")
 _PROBES = config_defaults()["sensitivity_images"]   # the sensitivity rows use compress's own probe count
 _SENS_RECON = dict(seq_refit=True, sensitivity_images=_PROBES, recon_steps=-1)
 # name -> (what the row shows, the compress options it sets on top of _OFF)
@@ -57,6 +57,8 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "recon": ("+ block reconstruction (held-out validated)", dict(recon_steps=-1)),
     "seq+recon": ("+ sequential refit + block reconstruction", dict(seq_refit=True, recon_steps=-1)),
     "sens+recon": ("+ sequential refit, sensitivity ranks, block reconstruction", _SENS_RECON),
+    "sens+recon+block": ("+ sensitivity ranks, block reconstruction of every block parameter (norms, layer scales)",
+                         dict(_SENS_RECON, recon_params="block")),
     "sens+recon+readout": ("+ sensitivity ranks, block reconstruction, last block on what the head reads",
                            dict(_SENS_RECON, recon_readout=True)),
     "sens+recon+readout-all": ("+ sensitivity ranks, block reconstruction, every block also on what the head reads",

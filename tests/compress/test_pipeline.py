@@ -68,3 +68,8 @@ def test_a_plan_of_another_model_is_refused_before_the_statistics(tiny_config, t
         run(tiny_config(ratio=None, plan=str(src.out), comp_rank=0, out=str(tmp_path / "y")))
     with pytest.raises(CompressError, match="no plan at"):
         dataclasses.replace(tiny_config(), ratio=None, plan=str(tmp_path / "none")).budget
+
+
+def test_an_unknown_recon_params_is_refused_with_the_choices(tiny_config):
+    with pytest.raises(CompressError, match="--recon-params 'all'.*factors or block"):
+        tiny_config(recon_params="all")

@@ -137,6 +137,27 @@ def test_compensation_is_dropped_when_the_svd_at_full_width_does_better_on_held_
         assert mod.first.weight.shape[0] == lp["rank"] + lp["comp_rank"]
 
 
+def test_recon_params_block_also_tunes_the_norms_and_factors_alone_leave_them():
+    """``recon_params="factors"`` moves only the low-rank factors and their biases; "block" moves the
+    block's norms too, and (more freedom, same data) reaches a held-out error no higher here."""
+    dense, comp = _compressed_pair(rank=4, depth=1)
+    g = torch.Generator().manual_seed(5)
+    fit, held = [torch.randn(16, 3, 32, 32, generator=g)], [torch.randn(8, 3, 32, 32, generator=g)]
+    norms = lambda m: torch.cat([p.detach().flatten() for n, p in m.named_parameters() if ".norm" in n])
+    out = {}
+    for params in ("factors", "block"):
+        c = copy.deepcopy(comp)
+        info = refine_(dense, c, fit, held, RefineConfig(seq=False, recon_steps=40, recon_batch=8,
+                                                         recon_params=params))["blocks"]["blocks.0"]
+        assert info["kept"] == "recon" and info["recon"] < info["plain"]
+        out[params] = info["recon"], norms(c)
+    assert torch.equal(out["factors"][1], norms(comp))
+    assert not torch.equal(out["block"][1], norms(comp))
+    assert out["block"][0] <= out["factors"][0] * 1.05
+    with pytest.raises(ValueError, match="recon_params"):
+        RefineConfig(recon_params="everything")
+
+
 def test_readout_judges_the_last_block_on_what_the_head_reads():
     """With ``readout`` the last block's held-out errors are the relative error of the final features
     (norm, pooling: the CLS token), not of every output token; reconstruction then lowers that error."""
