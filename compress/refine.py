@@ -51,7 +51,7 @@ RECON_PARAMS = ("factors", "block")
 class RefineConfig:
     seq: bool = True            # sequential refit of the factors
     recon_steps: int = 0        # block-wise reconstruction steps per block (0: off)
-    recon_lr: float = 1e-3      # Adam step, relative to each tensor's RMS
+    recon_lr: float = 3e-3      # Adam step, relative to each tensor's RMS
     recon_batch: int = 16       # images per reconstruction step
     recon_params: str = "factors"  # what reconstruction tunes: "factors" (low-rank factors and their biases)
                                 # or "block" (every parameter of the block: also norms, layer scales, dense layers)

@@ -69,23 +69,26 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "distill-logits": ("+ sequential refit + logit distillation", dict(seq_refit=True, finetune_steps=-1,
                                                                         finetune_target="logits")),
 }
-# -1 above: the study's --recon-steps / --finetune-steps
+# -1 above: the study's --recon-steps (and --recon-lr) / --finetune-steps
 
 
-def variant_options(name: str, recon_steps: int, finetune_steps: int) -> dict:
+def variant_options(name: str, recon_steps: int, finetune_steps: int, recon_lr: float | None = None) -> dict:
+    """The compress options of a row (``recon_lr`` None: compress's default)."""
     opts = dict(_OFF, **VARIANTS[name][1])
     if opts["recon_steps"] < 0:
         opts["recon_steps"] = recon_steps
+        if recon_lr is not None:
+            opts["recon_lr"] = recon_lr
     if opts["finetune_steps"] < 0:
         opts["finetune_steps"] = finetune_steps
     return opts
 
 
-def default_variant(recon_steps: int, finetune_steps: int) -> str | None:
+def default_variant(recon_steps: int, finetune_steps: int, recon_lr: float | None = None) -> str | None:
     """The variant equal to compress's own defaults (None if none is)."""
     defaults = config_defaults()
     for name in VARIANTS:
-        if all(defaults[k] == v for k, v in variant_options(name, recon_steps, finetune_steps).items()):
+        if all(defaults[k] == v for k, v in variant_options(name, recon_steps, finetune_steps, recon_lr).items()):
             return name
     return None
 
@@ -104,6 +107,7 @@ class StudyConfig:
     variants: tuple[str, ...] = tuple(VARIANTS)
     int8: tuple[str, ...] | None = None      # None: the default variant
     recon_steps: int = 100
+    recon_lr: float = config_defaults()["recon_lr"]
     finetune_steps: int = 300
     baselines: tuple[str, ...] = ()
     stats_cache: str | None = None
@@ -115,6 +119,8 @@ class StudyConfig:
             raise RuntimeStageError(f"unknown study variant {unknown[0]!r}; choose from {', '.join(VARIANTS)}")
         if self.recon_steps < 1 or self.finetune_steps < 1:
             raise RuntimeStageError("--recon-steps and --finetune-steps must be >= 1 (they size their rows)")
+        if not self.recon_lr > 0:
+            raise RuntimeStageError(f"--recon-lr must be > 0, got {self.recon_lr}")
 
 
 def _eval_tensor(model, data: str | None, num: int | None):
@@ -167,7 +173,7 @@ def run_study(cfg: StudyConfig) -> dict | None:
             m.update(agreement=score(z, labels, ref_z).agreement)
         rows.append({"ratio": None, "variant": f"baseline:{name}", "int8": False,
                      "params": sum(p.numel() for p in small.parameters()), **m})
-    default = default_variant(cfg.recon_steps, cfg.finetune_steps)
+    default = default_variant(cfg.recon_steps, cfg.finetune_steps, cfg.recon_lr)
     int8 = cfg.int8 if cfg.int8 is not None else ((default,) if default else ())
     stats_cache = cfg.stats_cache or str(default_stats_cache())
     work = Path(tempfile.mkdtemp(prefix="study-"))
@@ -177,12 +183,13 @@ def run_study(cfg: StudyConfig) -> dict | None:
     first = len(rows)   # under torchrun this rank runs jobs[rank::world], rank 0 gathers (compress.distributed)
     result = {"model": cfg.model, "checkpoint": cfg.checkpoint, "data": images.root, "num_images": len(x),
               "num_calib": cfg.num_calib, "default_variant": default, "recon_steps": cfg.recon_steps,
+              "recon_lr": cfg.recon_lr,
               "finetune_steps": cfg.finetune_steps, "variants": {k: VARIANTS[k][0] for k in cfg.variants},
               "rows": rows, "complete": False}
     prepared = None
     try:
         for ratio, variant in tqdm(distributed.split_jobs(jobs), desc="study", unit="config"):
-            opts = variant_options(variant, cfg.recon_steps, cfg.finetune_steps)
+            opts = variant_options(variant, cfg.recon_steps, cfg.finetune_steps, cfg.recon_lr)
             t = time.perf_counter()
             res = run(Config(model=cfg.model, checkpoint=cfg.checkpoint, pretrained=cfg.pretrained, calib=cfg.calib,
                              num_calib=cfg.num_calib, ratio=ratio, quant=variant in int8, stats_cache=stats_cache,
@@ -220,9 +227,12 @@ def write(result: dict, out: Path) -> None:
     plot(result, out / "study.png")
 
 
-# what studies must share to sit in one table; and which steps-setting each variant's rows depend on
+# what studies must share to sit in one table; and which settings a variant's rows depend on (a row
+# uses a setting when its variant leaves this option to the study, -1); studies older than a setting
+# ran at the value given here
 _SAME = ("model", "checkpoint", "data", "num_images", "num_calib")
-_STEPS = ("recon_steps", "finetune_steps")
+_SETTINGS = {"recon_steps": "recon_steps", "finetune_steps": "finetune_steps", "recon_lr": "recon_steps"}
+_BEFORE = {"recon_lr": 1e-3}
 
 
 def merge(results: list[dict]) -> dict:
@@ -246,13 +256,15 @@ def merge(results: list[dict]) -> dict:
     def measured(r: dict) -> set[str]:
         return {row["variant"] for row in r["rows"][1:]}
 
+    setting = lambda r, key: r.get(key, _BEFORE.get(key))
     steps = {}
-    for key in _STEPS:   # each steps setting from the studies whose rows use it
-        used = {r[key] for r in results if any(VARIANTS.get(v, ("", {}))[1].get(key, 0) < 0 for v in measured(r))}
+    for key, option in _SETTINGS.items():   # each setting from the studies whose rows use it
+        used = {setting(r, key) for r in results
+                if any(VARIANTS.get(v, ("", {}))[1].get(option, 0) < 0 for v in measured(r))}
         if len(used) > 1:
             raise RuntimeStageError(f"cannot merge studies whose rows used different --{key.replace('_', '-')} "
                                     f"({sorted(used)}); rerun one of them with the other's")
-        steps[key] = used.pop() if used else first[key]
+        steps[key] = used.pop() if used else setting(first, key)
     rows, variants = {}, {}
     for r in results:
         variants.update({v: what for v, what in r["variants"].items() if v in measured(r)})
@@ -261,7 +273,7 @@ def merge(results: list[dict]) -> dict:
     ratios = {q for _, q, _ in rows}
     # complete: every variant has its FP32 row at every budget (a stopped piece's missing variants are left out)
     return {**{k: first.get(k) for k in _SAME}, **steps, "variants": variants,
-            "default_variant": default_variant(steps["recon_steps"], steps["finetune_steps"]),
+            "default_variant": default_variant(steps["recon_steps"], steps["finetune_steps"], steps["recon_lr"]),
             "rows": [first["rows"][0]] + list(rows.values()),
             "complete": all((v, q, False) in rows for v in variants for q in ratios)}
 
@@ -301,7 +313,8 @@ def format_markdown(result: dict) -> str:
     head = (f"{result['model']} on {result['num_images']:,} images of {result['data']} (never calibrated on); "
             f"{result['num_calib']} calibration images; dense: "
             + (f"top-1 {100 * dense['top1']:.2f}%, " if has_top1 else "headless (feature metrics only), ")
-            + f"{dense['params']:,} parameters. Block reconstruction: {result['recon_steps']} steps per block; "
+            + f"{dense['params']:,} parameters. Block reconstruction: {result['recon_steps']} steps per block "
+              f"at lr {result.get('recon_lr', _BEFORE['recon_lr']):g}; "
               f"distillation: {result['finetune_steps']} steps.")
     out = [head, ""] + ([] if result.get("complete", True) else ["**Partial: the study is still running or was "
                                                                   "stopped; rows so far.**", ""])
@@ -379,6 +392,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--int8", type=_names, default=None,
                    help="variants that also get an INT8 fake-quant row (default: compress's default one; '' none)")
     p.add_argument("--recon-steps", type=int, default=100, help="block-reconstruction steps of the recon rows")
+    p.add_argument("--recon-lr", type=float, default=config_defaults()["recon_lr"],
+                   help="block-reconstruction step of the recon rows, relative to each tensor's RMS "
+                        f"(default: compress's, {config_defaults()['recon_lr']:g})")
     p.add_argument("--finetune-steps", type=int, default=300, help="distillation steps of the distill row")
     p.add_argument("--baseline", action="append", default=[], metavar="MODEL[=CHECKPOINT]",
                    help="a smaller dense model to set against the compressed one (repeatable)")
@@ -412,7 +428,7 @@ def main(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     cfg = StudyConfig(model=args.model, out=args.out, checkpoint=args.checkpoint, pretrained=args.pretrained,
                       calib=args.calib, num_calib=args.num_calib, data=args.data, num=args.num, ratios=args.ratios,
-                      variants=args.variants, int8=args.int8, recon_steps=args.recon_steps,
+                      variants=args.variants, int8=args.int8, recon_steps=args.recon_steps, recon_lr=args.recon_lr,
                       finetune_steps=args.finetune_steps, baselines=tuple(args.baseline),
                       stats_cache=args.stats_cache, batch_size=args.batch_size)
     result = run_study(cfg)

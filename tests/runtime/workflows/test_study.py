@@ -11,6 +11,7 @@ from safetensors.torch import save_file
 import compress.zoo  # noqa: F401  (registers vit_cifar_*)
 from runtime.workflows import study
 from runtime.errors import RuntimeStageError
+from compress import config_defaults
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +113,7 @@ def test_merge_joins_comparable_studies_and_refuses_others(tmp_path):
     assert [(r["variant"], r["top1"]) for r in merged["rows"]] == [("dense", 0.8), ("seq", 0.71), ("distill", 0.72)]
     assert merged["finetune_steps"] == 100 and set(merged["variants"]) == {"seq", "distill"}
     assert "| distill | " in study.format_markdown(merged) and "distillation: 100 steps" in study.format_markdown(merged)
-    assert merged["complete"] and merged["default_variant"] == study.default_variant(100, 100)
+    assert merged["complete"] and merged["default_variant"] == study.default_variant(100, 100, merged["recon_lr"])
     # a stopped piece: its unreached variant (and that variant's steps setting) is left out
     stopped = _result("seq", 0.7, finetune_steps=100, complete=False,
                       variants={"seq": "s", "distill": "d"})
@@ -136,3 +137,21 @@ def test_merge_joins_comparable_studies_and_refuses_others(tmp_path):
     assert len(json.loads((out / "study.json").read_text())["rows"]) == 3 and (out / "study.png").exists()
     with pytest.raises(RuntimeStageError, match="not a study.json"):
         study.main(parser.parse_args(["--merge", str(tmp_path / "bad.json"), "--out", str(out)]))
+
+
+def test_merge_keeps_reconstruction_rows_of_one_lr_and_reads_older_studies_as_1e_3():
+    """A study older than --recon-lr ran its recon rows at 1e-3; rows at another lr are refused, and
+    the default is marked only when the reconstruction lr is compress's default."""
+    old = _result("sens+recon", 0.74)                       # no recon_lr key: an older study
+    new = _result("sens+recon", 0.75, recon_lr=3e-3)
+    with pytest.raises(RuntimeStageError, match="different --recon-lr"):
+        study.merge([old, new])
+    assert study.merge([old, _result("seq", 0.7, recon_lr=3e-3)])["recon_lr"] == 1e-3   # seq has no recon
+    merged = study.merge([new, _result("seq+recon", 0.7, recon_lr=3e-3)])
+    default_lr = config_defaults()["recon_lr"]
+    assert merged["recon_lr"] == 3e-3
+    assert (merged["default_variant"] == "sens+recon") == (default_lr == 3e-3)
+    assert study.default_variant(100, 300, default_lr * 10) is None
+    assert f"at lr {3e-3:g}" in study.format_markdown(merged)
+    opts = study.variant_options("sens+recon", 100, 300, 1e-2)
+    assert opts["recon_lr"] == 1e-2 and "recon_lr" not in study.variant_options("seq", 100, 300, 1e-2)
