@@ -86,10 +86,11 @@ class Config:
     seq_refit: bool = True               # sequential factorisation, kept per block where it pays (refine.py)
     recon_steps: int = 100               # block-wise reconstruction steps per block (0: off; refine.py; on the
                                          # real ViT-S/14 +0.1 to +2.5 top-1 points over the sensitivity ranks alone)
-    recon_lr: float = 3e-3                 # real ViT-S/14: every block 4-8% lower error, +1.1 top-1 at 60% vs 1e-3 (README)
-    recon_params: str = "factors"        # what reconstruction tunes: the factors, or the whole block (refine.py)
-    recon_readout: bool = False          # the last stage is reconstructed against what the head reads (refine.py)
-    recon_readout_weight: float = 0.0    # earlier stages: what the head would read of them, at this share
+    recon_lr: float = RefineConfig.recon_lr   # 3e-3; real ViT-S/14: every block 4-8% lower error, +1.1 top-1
+                                         # at 60% vs 1e-3 (README)
+    recon_params: str = RefineConfig.recon_params   # what reconstruction tunes: the factors, or the whole block
+    recon_readout: bool = RefineConfig.readout      # the last stage against what the head reads (refine.py)
+    recon_readout_weight: float = RefineConfig.readout_weight   # earlier stages: that readout, at this share
     refine_damping: float = 1e-2         # ridge of the refinement's C~, relative to its mean diagonal
     finetune_steps: int = 0              # distillation steps on the calibration images (0: off, the paper's setting)
     finetune_lr: float = 1e-5

@@ -392,9 +392,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--int8", type=_names, default=None,
                    help="variants that also get an INT8 fake-quant row (default: compress's default one; '' none)")
     p.add_argument("--recon-steps", type=int, default=100, help="block-reconstruction steps of the recon rows")
-    p.add_argument("--recon-lr", type=float, default=config_defaults()["recon_lr"],
-                   help="block-reconstruction step of the recon rows, relative to each tensor's RMS "
-                        f"(default: compress's, {config_defaults()['recon_lr']:g})")
+    lr = config_defaults()["recon_lr"]
+    p.add_argument("--recon-lr", type=float, default=lr,
+                   help=f"block-reconstruction step of the recon rows, relative to each tensor's RMS "
+                        f"(default: compress's, {lr:g})")
     p.add_argument("--finetune-steps", type=int, default=300, help="distillation steps of the distill row")
     p.add_argument("--baseline", action="append", default=[], metavar="MODEL[=CHECKPOINT]",
                    help="a smaller dense model to set against the compressed one (repeatable)")
