@@ -91,7 +91,7 @@ class Config:
     recon_params: str = RefineConfig.recon_params   # what reconstruction tunes: the factors, or the whole block
     recon_readout: bool = RefineConfig.readout      # the last stage against what the head reads (refine.py)
     recon_readout_weight: float = RefineConfig.readout_weight   # earlier stages: that readout, at this share
-    refine_damping: float = 1e-2         # ridge of the refinement's C~, relative to its mean diagonal
+    refine_damping: float = RefineConfig.damping   # ridge of the refinement's C~, relative to its mean diagonal
     finetune_steps: int = 0              # distillation steps on the calibration images (0: off, the paper's setting)
     finetune_lr: float = 1e-5
     finetune_target: str = DEFAULT_TARGET   # what the distillation matches: the final features or the logits
