@@ -44,6 +44,7 @@ _OFF = dict(method="whiten", allocation="mixed", comp_rank=0, seq_refit=False, r
             sensitivity_images=0, recon_readout=False,
             recon_readout_weight=0.0, recon_params="factors")
 _PROBES = config_defaults()["sensitivity_images"]   # the sensitivity rows use compress's own probe count
+_FT_LR = config_defaults()["finetune_lr"]   # the slow distillation row uses compress's own step
 _SENS_RECON = dict(seq_refit=True, sensitivity_images=_PROBES, recon_steps=-1)
 # name -> (what the row shows, the compress options it sets on top of _OFF)
 VARIANTS: dict[str, tuple[str, dict]] = {
@@ -57,6 +58,8 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "recon": ("+ block reconstruction (held-out validated)", dict(recon_steps=-1)),
     "seq+recon": ("+ sequential refit + block reconstruction", dict(seq_refit=True, recon_steps=-1)),
     "sens+recon": ("+ sequential refit, sensitivity ranks, block reconstruction", _SENS_RECON),
+    "sens+recon+probes": (f"+ sensitivity ranks measured on {4 * _PROBES} probe images, block reconstruction",
+                          dict(_SENS_RECON, sensitivity_images=4 * _PROBES)),
     "sens+recon+block": ("+ sensitivity ranks, block reconstruction of every block parameter (norms, layer scales)",
                          dict(_SENS_RECON, recon_params="block")),
     "sens+recon+readout": ("+ sensitivity ranks, block reconstruction, last block on what the head reads",
@@ -65,6 +68,8 @@ VARIANTS: dict[str, tuple[str, dict]] = {
                                dict(_SENS_RECON, recon_readout=True, recon_readout_weight=1.0)),
     "sens+recon+distill": ("+ sensitivity ranks, block reconstruction, feature distillation (lr 1e-4)",
                            dict(_SENS_RECON, finetune_steps=-1, finetune_lr=1e-4)),
+    "sens+recon+distill-slow": (f"+ sensitivity ranks, block reconstruction, feature distillation (lr {_FT_LR:g})",
+                                dict(_SENS_RECON, finetune_steps=-1)),
     "distill": ("+ sequential refit + feature distillation", dict(seq_refit=True, finetune_steps=-1)),
     "distill-logits": ("+ sequential refit + logit distillation", dict(seq_refit=True, finetune_steps=-1,
                                                                         finetune_target="logits")),
