@@ -86,7 +86,7 @@ def get_parser() -> argparse.ArgumentParser:
                    help="refit each layer's factors to the compressed network's own inputs, layer by layer "
                         f"(default {'on' if d['seq_refit'] else 'off'})")
     g.add_argument("--recon-steps", type=int, default=d["recon_steps"], metavar="N",
-                   help="block-wise reconstruction: Adam steps per block on its factors against the dense "
+                   help="block-wise reconstruction: Adam steps per block against the dense "
                         f"block's outputs, no labels (0: off; default {d['recon_steps']})")
     g.add_argument("--recon-lr", type=float, default=d["recon_lr"],
                    help=f"reconstruction step, relative to each tensor's RMS (default {d['recon_lr']:g})")

@@ -11,8 +11,8 @@ layer's X~ already comes from the refined earlier layers of the same block), the
 are refitted to ``min ||W X - W' X~||``: with C~ = X~ X~^T (damped) = L L^T and D = X X~^T,
 ``W' = svd_r(T L) L^-1``, T = W D C~^-1. Only Grams; no stored activations.
 
-``recon`` -- block-wise reconstruction: Adam on the block's factors and biases (``recon_params``
-"block": on all its parameters, norms and layer scales and layers left dense too) against the dense
+``recon`` -- block-wise reconstruction: Adam on all the block's parameters (its factors, norms, layer
+scales and layers left dense; ``recon_params`` "factors": its factors and their biases only) against the dense
 block's outputs, ``min E || blk~(h~) - blk(h) ||^2 / E ||blk(h)||^2`` on minibatches of fit images
 (no labels), cosine learning rate, best held-out iterate kept. Optionally (``readout``) the last
 block is fitted and judged on what the head reads of it (final norm, pooling: a ViT's CLS token)
@@ -51,10 +51,10 @@ RECON_PARAMS = ("factors", "block")
 class RefineConfig:
     seq: bool = True            # sequential refit of the factors
     recon_steps: int = 0        # block-wise reconstruction steps per block (0: off)
-    recon_lr: float = 3e-3      # Adam step, relative to each tensor's RMS
+    recon_lr: float = 1e-2      # Adam step, relative to each tensor's RMS
     recon_batch: int = 16       # images per reconstruction step
-    recon_params: str = "factors"  # what reconstruction tunes: "factors" (low-rank factors and their biases)
-                                # or "block" (every parameter of the block: also norms, layer scales, dense layers)
+    recon_params: str = "block"  # what reconstruction tunes: "block" (every parameter of the block: the factors,
+                                # norms, layer scales, dense layers) or "factors" (low-rank factors and their biases)
     damping: float = 1e-2       # ridge of C~, relative to its mean diagonal
     readout: bool = False       # last stage: compare what the head reads (final norm, pooling), not every token
     readout_weight: float = 0.0  # other stages: add what the head would read of them, at this share of the tokens'
