@@ -16,6 +16,7 @@ from .distributed import is_main
 from .errors import CompressError
 from .finetune import TARGETS
 from .refine import RECON_PARAMS
+from .sensitivity import TARGETS as SENSITIVITY_TARGETS
 from .options import (add_calibration_arguments, add_method_arguments, add_model_options, add_weights_arguments,
                       model_options)
 from .pipeline import Config, config_defaults, default_stats_cache, run
@@ -105,6 +106,9 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--sensitivity-images", type=int, default=d["sensitivity_images"], metavar="N",
                    help="reallocate ranks by each layer's measured effect on the final features, probed on N "
                         f"calibration images (0: off; default {d['sensitivity_images']})")
+    g.add_argument("--sensitivity-target", choices=SENSITIVITY_TARGETS, default=d["sensitivity_target"],
+                   help="what a layer's effect is measured on: the final features (relative squared error) or, "
+                        f"for a classifier, the KL of its logits (default {d['sensitivity_target']})")
     g = p.add_argument_group("recovery fine-tuning (beyond the paper; off by default)")
     g.add_argument("--finetune-steps", type=int, default=d["finetune_steps"], metavar="N",
                    help="Adam steps distilling the dense model into the low-rank factors on the calibration "
@@ -151,7 +155,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
                   recon_steps=args.recon_steps, recon_lr=args.recon_lr, recon_params=args.recon_params,
                   recon_readout=args.recon_readout,
                   recon_readout_weight=args.recon_readout_weight, refine_damping=args.refine_damping,
-                  sensitivity_images=args.sensitivity_images)
+                  sensitivity_images=args.sensitivity_images, sensitivity_target=args.sensitivity_target)
 
 
 def main(argv=None) -> int:

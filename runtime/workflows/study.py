@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 
 _OFF = dict(method="whiten", allocation="mixed", comp_rank=0, seq_refit=False, recon_steps=0, finetune_steps=0,
             sensitivity_images=0, recon_readout=False,
-            recon_readout_weight=0.0, recon_params="factors")
+            recon_readout_weight=0.0, recon_params="factors", sensitivity_target="features")
 _PROBES = config_defaults()["sensitivity_images"]   # the sensitivity rows use compress's own probe count
 _FT_LR = config_defaults()["finetune_lr"]   # the slow distillation row uses compress's own step
 _SENS_RECON = dict(seq_refit=True, sensitivity_images=_PROBES, recon_steps=-1)
@@ -62,6 +62,8 @@ VARIANTS: dict[str, tuple[str, dict]] = {
                           dict(_SENS_RECON, sensitivity_images=4 * _PROBES)),
     "sens+recon+block": ("+ sensitivity ranks, block reconstruction of every block parameter (norms, layer scales)",
                          dict(_SENS_RECON, recon_params="block")),
+    "sens-kl+recon+block": ("+ sensitivity ranks measured on the head's KL, whole-block reconstruction",
+                            dict(_SENS_RECON, recon_params="block", sensitivity_target="logits")),
     "sens+recon+readout": ("+ sensitivity ranks, block reconstruction, last block on what the head reads",
                            dict(_SENS_RECON, recon_readout=True)),
     "sens+recon+readout-all": ("+ sensitivity ranks, block reconstruction, every block also on what the head reads",
@@ -70,6 +72,9 @@ VARIANTS: dict[str, tuple[str, dict]] = {
                            dict(_SENS_RECON, finetune_steps=-1, finetune_lr=1e-4)),
     "sens+recon+distill-slow": (f"+ sensitivity ranks, block reconstruction, feature distillation (lr {_FT_LR:g})",
                                 dict(_SENS_RECON, finetune_steps=-1)),
+    "sens+recon+block+distill-logits": (f"+ sensitivity ranks, whole-block reconstruction, logit distillation "
+                                        f"(lr {_FT_LR:g})", dict(_SENS_RECON, recon_params="block", finetune_steps=-1,
+                                                                 finetune_target="logits")),
     "distill": ("+ sequential refit + feature distillation", dict(seq_refit=True, finetune_steps=-1)),
     "distill-logits": ("+ sequential refit + logit distillation", dict(seq_refit=True, finetune_steps=-1,
                                                                         finetune_target="logits")),

@@ -63,9 +63,9 @@ def test_plan_for_measures_again_where_the_reallocation_moved_a_layer(tiny_confi
     prep = pipeline.prepare(cfg)
     real, calls = pipeline.sensitivities, []
 
-    def recording(model, factors, ranks, errors, images):
+    def recording(model, factors, ranks, errors, images, target="features"):
         calls.append(dict(ranks))
-        return real(model, factors, ranks, errors, images)
+        return real(model, factors, ranks, errors, images, target)
 
     monkeypatch.setattr(pipeline, "sensitivities", recording)
     first, _ = pipeline.plan_for(dataclasses.replace(cfg, sensitivity_images=0), prep)
@@ -77,3 +77,49 @@ def test_plan_for_measures_again_where_the_reallocation_moved_a_layer(tiny_confi
     assert set(sens["weights"]) == set().union(*calls)
     assert sens["measured_at_rank"] == {n: r for c in calls for n, r in c.items()}   # the latest rank wins
     assert plan.params_after <= plan.target_params
+
+
+def _damped_vit():
+    torch.manual_seed(0)
+    model = timm.create_model("vit_cifar_ref", pretrained=False, depth=2, embed_dim=64, num_heads=2,
+                              init_values=1.0).eval()
+    with torch.no_grad():
+        model.blocks[0].ls1.gamma.fill_(1e-4)     # block 0's attention branch barely reaches the output
+        model.head.weight.mul_(20.0)              # confident predictions, as a trained head makes
+    return model
+
+
+def test_logit_target_measures_what_moves_the_heads_predictions():
+    model = _damped_vit()
+    names = ["blocks.0.attn.proj", "blocks.0.mlp.fc2", "blocks.1.mlp.fc1"]
+    lins = {n: model.get_submodule(n) for n in names}
+    ranks, errors = {n: 4 for n in names}, {n: 0.1 for n in names}
+    x = [torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(1))]
+    facts = {n: _svd_factors(l) for n, l in lins.items()}
+    kl = sensitivities(model, facts, ranks, errors, x, target="logits")
+    feats = sensitivities(model, facts, ranks, errors, x, target="features")
+    assert set(kl) == set(names) and all(v > 0 for v in kl.values())
+    assert kl["blocks.0.attn.proj"] < kl["blocks.0.mlp.fc2"] / 100
+    assert kl != pytest.approx(feats, rel=0.2)   # a different measure, not the features' error renamed
+    with torch.no_grad():
+        model.head.weight.zero_()                 # a head that reads nothing: no layer moves its predictions
+    flat = sensitivities(model, facts, ranks, errors, x, target="logits")
+    assert all(v == pytest.approx(0.0, abs=1e-12) for v in flat.values())
+    with pytest.raises(ValueError, match="sensitivity target"):
+        sensitivities(model, facts, ranks, errors, x, target="tokens")
+
+
+def test_pipeline_logit_sensitivity_needs_a_classifier(tiny_config, tmp_path):
+    from compress.errors import CompressError
+    from compress.pipeline import run
+
+    res = run(tiny_config(comp_rank=0, quant=False, ratio=0.5, sensitivity_images=8, sensitivity_target="logits"))
+    sens = res.manifest["sensitivity"]
+    assert sens["target"] == "logits" and all(v >= 0 for v in sens["weights"].values())
+    assert res.manifest["params"]["after"] <= res.manifest["plan"]["target_params"]
+    with pytest.raises(CompressError, match="headless.*--sensitivity-target features"):
+        run(tiny_config(out=str(tmp_path / "h"), comp_rank=0, quant=False, sensitivity_images=8,
+                        sensitivity_target="logits", model_kwargs=dict(depth=2, embed_dim=64, num_heads=2,
+                                                                      num_classes=0)))
+    with pytest.raises(CompressError, match="sensitivity-target"):
+        tiny_config(sensitivity_target="tokens")
