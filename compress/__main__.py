@@ -14,12 +14,11 @@ from cliutil import OneLineParser, reserve_output, run_cli
 from .artifact import replace_refusal
 from .distributed import is_main
 from .errors import CompressError
-from .finetune import TARGETS
 from .refine import RECON_PARAMS
 from .sensitivity import TARGETS as SENSITIVITY_TARGETS
 from .options import (add_calibration_arguments, add_method_arguments, add_model_options, add_weights_arguments,
                       model_options)
-from .pipeline import Config, config_defaults, default_stats_cache, run
+from .pipeline import FINETUNE_TARGETS, Config, config_defaults, default_stats_cache, run
 from .report import finetune_outcome
 
 
@@ -118,10 +117,10 @@ def get_parser() -> argparse.ArgumentParser:
                    help="peak learning rate of the fine-tuning (Adam, cosine decay to 0; default "
                         f"{d['finetune_lr']:g}: on the real ViT-S/14's feature target 1e-4 never lowered the "
                         "held-out loss; the logit target on vit_cifar_ref took 3e-5)")
-    g.add_argument("--finetune-target", default=d["finetune_target"], choices=TARGETS,
+    g.add_argument("--finetune-target", default=d["finetune_target"], choices=FINETUNE_TARGETS,
                    help="what the distillation matches: every final token and the pooled features (features, "
-                        "headless models too) or the classifier's logits (logits); default "
-                        f"{d['finetune_target']}")
+                        "headless models too), the classifier's logits (logits), or auto: logits for a "
+                        f"classifier, features for a headless model; default {d['finetune_target']}")
     g = p.add_argument_group("quantization")
     g.add_argument("--no-quant", action="store_true", help="skip INT8 calibration and fake-quant evaluation")
     g.add_argument("--quant-calib", default=d["quant_calib"], choices=("minmax", "percentile"))

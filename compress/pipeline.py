@@ -32,7 +32,7 @@ from .allocate import allocate as allocate_ranks
 from .artifact import save_compressed
 from .compensate import compensate_
 from .errors import CompressError
-from .finetune import DEFAULT_TARGET, TARGETS, distill_
+from .finetune import TARGETS, distill_
 from .latency import latency_target
 from .lowrank import LowRankLinear, replace_module_
 from .models import compressible_layers, count_params, load_model_with_spec, weights_fingerprint
@@ -43,6 +43,8 @@ from .sensitivity import TARGETS as SENSITIVITY_TARGETS
 from .sensitivity import sensitivities, weighted_curves
 from .stats import Stats
 from .svd import DEFAULT_DAMPING, METHODS
+
+FINETUNE_TARGETS = ("auto",) + TARGETS   # auto: a classifier's logits, a headless model's features
 from .verbs import Factors, allocate, apply_, calibrate_, check_plan, collect, factorise, load_plan
 
 log = logging.getLogger(__name__)
@@ -97,7 +99,8 @@ class Config:
     refine_damping: float = RefineConfig.damping   # ridge of the refinement's C~, relative to its mean diagonal
     finetune_steps: int = 0              # distillation steps on the calibration images (0: off, the paper's setting)
     finetune_lr: float = 1e-5
-    finetune_target: str = DEFAULT_TARGET   # what the distillation matches: the final features or the logits
+    finetune_target: str = "auto"        # what the distillation matches: the final features, the logits, or
+                                         # auto: the logits of a classifier, the features of a headless model
     alpha: float = 0.5                   # exponent of the diag variant
     damping: float = DEFAULT_DAMPING     # whitening lambda relative to the mean Gram diagonal
     comp_damping: float = DEFAULT_DAMPING  # ridge of the compensation fit, relative to mean(diag C~)
@@ -143,8 +146,9 @@ class Config:
         if self.sensitivity_target not in SENSITIVITY_TARGETS:
             raise CompressError(f"unknown --sensitivity-target {self.sensitivity_target!r}; use "
                                 f"{' or '.join(SENSITIVITY_TARGETS)}")
-        if self.finetune_target not in TARGETS:
-            raise CompressError(f"unknown --finetune-target {self.finetune_target!r}; use {' or '.join(TARGETS)}")
+        if self.finetune_target not in FINETUNE_TARGETS:
+            raise CompressError(f"unknown --finetune-target {self.finetune_target!r}; use "
+                                f"{', '.join(FINETUNE_TARGETS)}")
         if not self.damping >= 0 or not self.alpha >= 0 or not self.comp_damping >= 0:
             raise CompressError("--damping, --comp-damping and --alpha must be >= 0")
         if self.device != "cpu" and not self.device.startswith(("cuda", "mps")):
@@ -265,6 +269,13 @@ class Prepared:
     factors: Factors
     rng_state: torch.Tensor      # torch's RNG after loading: every budget starts from it
     timings: dict
+
+
+def finetune_target(cfg: Config, spec) -> str:
+    """The distillation target of ``cfg`` for a model of ``spec``: "auto" is a classifier's logits, else the features."""
+    if cfg.finetune_target != "auto":
+        return cfg.finetune_target
+    return "logits" if spec.outputs == "logits" else "features"
 
 
 def _check_outputs(cfg: Config, spec) -> None:
@@ -491,7 +502,7 @@ def run(config: Config, reuse: Prepared | None = None) -> RunResult | None:
     finetune = None
     if cfg.finetune_steps > 0 and pairs:
         finetune = distill_(model, compressed, loader, cfg.finetune_steps, lr=cfg.finetune_lr, seed=cfg.seed,
-                            device=dev, batch_size=cfg.batch_size, target=cfg.finetune_target, heldout=held_x)
+                            device=dev, batch_size=cfg.batch_size, target=finetune_target(cfg, prep.spec), heldout=held_x)
         lap("finetune")
     elif cfg.finetune_steps > 0:
         log.warning("fine-tuning skipped: no layer was factorised")

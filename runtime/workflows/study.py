@@ -42,7 +42,8 @@ log = logging.getLogger(__name__)
 
 _OFF = dict(method="whiten", allocation="mixed", comp_rank=0, seq_refit=False, recon_steps=0, finetune_steps=0,
             sensitivity_images=0, recon_readout=False,
-            recon_readout_weight=0.0, recon_params="factors", sensitivity_target="features")
+            recon_readout_weight=0.0, recon_params="factors", sensitivity_target="features",
+            finetune_target="features")
 _PROBES = config_defaults()["sensitivity_images"]   # the sensitivity rows use compress's own probe count
 _FT_LR = config_defaults()["finetune_lr"]   # the slow distillation row uses compress's own step
 _SENS_RECON = dict(seq_refit=True, sensitivity_images=_PROBES, recon_steps=-1)

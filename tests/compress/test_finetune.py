@@ -100,6 +100,7 @@ def test_pipeline_finetune_manifest_report_and_bit_identical_reload(tiny_config)
     m = json.loads((res.out / "manifest.json").read_text())
     ft = m["finetune"]
     assert ft["steps"] == 8 and ft["lr"] == 1e-4 and ft["images"] == 16 and ft["seconds"] > 0
+    assert m["config"]["finetune_target"] == "auto" and ft["target"] == "logits"   # auto: a classifier's logits
     assert ft["kl_after"] < ft["kl_before"] and {"loss_first", "loss_last"} <= set(ft)
     assert m["timings"]["finetune"] > 0 and m["config"]["finetune_steps"] == 8
     assert "fine-tuned" in (res.out / "report.md").read_text()
@@ -194,7 +195,7 @@ def test_feature_target_fine_tunes_a_headless_model_and_logits_target_refuses_it
               model_kwargs=dict(TINY_VIT, num_classes=0))
     res = run(tiny_config(out=str(tmp_path / "f"), **kw))
     ft = res.manifest["finetune"]
-    assert ft["target"] == "features" and "kl_before" not in ft and ft["heldout_images"] == 8
+    assert ft["target"] == "features" and "kl_before" not in ft and ft["heldout_images"] == 8   # auto, headless
     assert "held-out features loss" in (res.out / "report.md").read_text()
     with pytest.raises(CompressError, match="headless.*--finetune-target features"):
         run(tiny_config(out=str(tmp_path / "l"), finetune_target="logits", **kw))
