@@ -108,11 +108,12 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--sensitivity-target", choices=SENSITIVITY_TARGETS, default=d["sensitivity_target"],
                    help="what a layer's effect is measured on: the final features (relative squared error) or, "
                         f"for a classifier, the KL of its logits (default {d['sensitivity_target']})")
-    g = p.add_argument_group("recovery fine-tuning (beyond the paper; off by default)")
+    g = p.add_argument_group("recovery fine-tuning (beyond the paper)")
     g.add_argument("--finetune-steps", type=int, default=d["finetune_steps"], metavar="N",
                    help="Adam steps distilling the dense model into the low-rank factors on the calibration "
-                        "images (random flips), best held-out iterate kept, before INT8 calibration; 0 = off "
-                        "(default), the paper's no-fine-tuning setting; reported separately with its cost")
+                        "images (random flips), best held-out iterate kept, before INT8 calibration; 0 = off, "
+                        f"the paper's no-fine-tuning setting; reported separately with its cost (default "
+                        f"{d['finetune_steps']})")
     g.add_argument("--finetune-lr", type=float, default=d["finetune_lr"], metavar="LR",
                    help="peak learning rate of the fine-tuning (Adam, cosine decay to 0; default "
                         f"{d['finetune_lr']:g}: on the real ViT-S/14's feature target 1e-4 never lowered the "

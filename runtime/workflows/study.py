@@ -74,8 +74,9 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "sens+recon+distill-slow": (f"+ sensitivity ranks, block reconstruction, feature distillation (lr {_FT_LR:g})",
                                 dict(_SENS_RECON, finetune_steps=-1)),
     "sens+recon+block+distill-logits": (f"+ sensitivity ranks, whole-block reconstruction, logit distillation "
-                                        f"(lr {_FT_LR:g})", dict(_SENS_RECON, recon_params="block", finetune_steps=-1,
-                                                                 finetune_target="logits")),
+                                        f"(lr {_FT_LR:g}; a headless model's features)",
+                                        dict(_SENS_RECON, recon_params="block", finetune_steps=-1,
+                                             finetune_target="auto")),
     "distill": ("+ sequential refit + feature distillation", dict(seq_refit=True, finetune_steps=-1)),
     "distill-logits": ("+ sequential refit + logit distillation", dict(seq_refit=True, finetune_steps=-1,
                                                                         finetune_target="logits")),
@@ -119,7 +120,7 @@ class StudyConfig:
     int8: tuple[str, ...] | None = None      # None: the default variant
     recon_steps: int = 100
     recon_lr: float = config_defaults()["recon_lr"]
-    finetune_steps: int = 300
+    finetune_steps: int = config_defaults()["finetune_steps"]
     baselines: tuple[str, ...] = ()
     stats_cache: str | None = None
     batch_size: int = 100
@@ -407,7 +408,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recon-lr", type=float, default=lr,
                    help=f"block-reconstruction step of the recon rows, relative to each tensor's RMS "
                         f"(default: compress's, {lr:g})")
-    p.add_argument("--finetune-steps", type=int, default=300, help="distillation steps of the distill row")
+    p.add_argument("--finetune-steps", type=int, default=StudyConfig.finetune_steps,
+                   help=f"distillation steps of the distill rows (default {StudyConfig.finetune_steps}: compress's own)")
     p.add_argument("--baseline", action="append", default=[], metavar="MODEL[=CHECKPOINT]",
                    help="a smaller dense model to set against the compressed one (repeatable)")
     p.add_argument("--batch-size", type=int, default=100, help="evaluation batch size")

@@ -27,7 +27,7 @@ def tiny_config(tmp_path):
     def make(**kw):
         args = dict(model="vit_cifar_ref", model_kwargs=dict(TINY_VIT), pretrained=False,
                     out=str(tmp_path / "out"), num_calib=16, batch_size=8, ratio=0.3, comp_rank=8,
-                    comp_steps=10, stats_cache=None)
+                    comp_steps=10, stats_cache=None, finetune_steps=0)   # distillation: test_finetune.py
         args.update(kw)
         return Config(**args)
     return make

@@ -122,7 +122,7 @@ def test_finetune_off_never_runs_and_on_only_moves_the_factors(tiny_config, tmp_
         raise AssertionError("distill_ must not run when finetune_steps is 0")
 
     monkeypatch.setattr(compress.finetune, "distill_", boom)
-    off = run(tiny_config(quant=False, ratio=0.5, out=str(tmp_path / "off")))
+    off = run(tiny_config(quant=False, ratio=0.5, finetune_steps=0, out=str(tmp_path / "off")))
     m = json.loads((off.out / "manifest.json").read_text())
     assert m["finetune"] is None and "finetune" not in m["timings"]
     assert "fine-tuned" not in (off.out / "report.md").read_text()
@@ -138,12 +138,12 @@ def test_config_and_cli_validate_finetune_options():
     from compress.pipeline import Config
 
     a = get_parser().parse_args(["--model", "m", "--ratio", "0.6", "--out", "o"])
-    assert (a.finetune_steps, a.finetune_lr) == (0, 1e-5)
+    assert (a.finetune_steps, a.finetune_lr, a.finetune_target) == (120, 1e-5, "auto")
     a = get_parser().parse_args(["--model", "m", "--ratio", "0.6", "--out", "o", "--finetune-steps", "200",
                                  "--finetune-lr", "3e-4"])
     cfg = config_from_args(a)
     assert (cfg.finetune_steps, cfg.finetune_lr) == (200, 3e-4)
-    assert Config(model="m", out="o", ratio=0.5).finetune_steps == 0
+    assert Config(model="m", out="o", ratio=0.5).finetune_steps == 120   # on by default (README, issue 10)
     with pytest.raises(CompressError, match="finetune-steps"):
         Config(model="m", out="o", ratio=0.5, finetune_steps=-1)
     with pytest.raises(CompressError, match="finetune-lr"):

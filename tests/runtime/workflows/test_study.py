@@ -57,10 +57,11 @@ def test_every_variant_is_scored_at_its_budget(study_result):
 def test_the_default_row_is_compress_s_own_defaults():
     from compress.pipeline import Config
 
-    name = study.default_variant(100, 300)
+    steps = study.StudyConfig.finetune_steps
+    name = study.default_variant(100, steps)
     defaults = {k: getattr(Config(model="m", out="o", ratio=0.5), k) for k in study._OFF}
-    assert name is not None
-    assert study.variant_options(name, 100, 300).items() <= {**defaults, "recon_steps": defaults["recon_steps"]}.items()
+    assert name == "sens+recon+block+distill-logits"
+    assert study.variant_options(name, 100, steps).items() <= {**defaults, "recon_steps": defaults["recon_steps"]}.items()
 
 
 def test_every_variant_sets_valid_compress_options():
