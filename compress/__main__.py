@@ -118,6 +118,10 @@ def get_parser() -> argparse.ArgumentParser:
                    help="peak learning rate of the fine-tuning (Adam, cosine decay to 0; default "
                         f"{d['finetune_lr']:g}: on the real ViT-S/14's feature target 1e-4 never lowered the "
                         "held-out loss; the logit target on vit_cifar_ref took 3e-5)")
+    g.add_argument("--finetune-images", type=int, default=d["finetune_images"], metavar="N",
+                   help="unlabelled images the distillation trains on: the calibration images, topped up to N "
+                        "with images of the same set drawn after the held-out ones (never in the statistics; "
+                        f"default {d['finetune_images']}: the calibration images only)")
     g.add_argument("--finetune-target", default=d["finetune_target"], choices=FINETUNE_TARGETS,
                    help="what the distillation matches: every final token and the pooled features (features, "
                         "headless models too), the classifier's logits (logits), or auto: logits for a "
@@ -147,7 +151,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
                   allocation=args.allocation, granule=args.granule, comp_rank=args.comp_rank,
                   comp_steps=args.comp_steps, comp_images=args.comp_images,
                   finetune_steps=args.finetune_steps, finetune_lr=args.finetune_lr,
-                  finetune_target=args.finetune_target,
+                  finetune_target=args.finetune_target, finetune_images=args.finetune_images,
                   gram_precision=args.gram_precision, alpha=args.alpha, damping=args.damping,
                   comp_damping=args.comp_damping, quant=not args.no_quant,
                   quant_calib=args.quant_calib, percentile=args.percentile, include_head=args.include_head,

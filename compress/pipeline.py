@@ -43,11 +43,11 @@ from .sensitivity import TARGETS as SENSITIVITY_TARGETS
 from .sensitivity import sensitivities, weighted_curves
 from .stats import Stats
 from .svd import DEFAULT_DAMPING, METHODS
-
-FINETUNE_TARGETS = ("auto",) + TARGETS   # auto: a classifier's logits, a headless model's features
 from .verbs import Factors, allocate, apply_, calibrate_, check_plan, collect, factorise, load_plan
 
 log = logging.getLogger(__name__)
+
+FINETUNE_TARGETS = ("auto",) + TARGETS   # auto: a classifier's logits, a headless model's features
 
 
 def default_stats_cache() -> Path:
@@ -100,6 +100,8 @@ class Config:
     finetune_steps: int = 120            # distillation steps on the calibration images (0: off, the paper's setting;
                                          # real ViT-S/14 at 60% removed, 5,000 test images: top-1 76.16 -> 77.30%)
     finetune_lr: float = 1e-5
+    finetune_images: int = 0             # images distillation trains on (0: the calibration images; more: those
+                                         # plus images drawn after the held-out ones, never in the statistics)
     finetune_target: str = "auto"        # what the distillation matches: the final features, the logits, or
                                          # auto: the logits of a classifier, the features of a headless model
     alpha: float = 0.5                   # exponent of the diag variant
@@ -129,7 +131,7 @@ class Config:
             raise CompressError(f"--gram-precision must be float64 or float32, got {self.gram_precision!r}")
         for name, lo in (("num_calib", 1), ("batch_size", 1), ("granule", 1), ("comp_rank", 0), ("comp_steps", 0),
                          ("comp_images", 0), ("finetune_steps", 0), ("heldout", 0), ("recon_steps", 0),
-                         ("sensitivity_images", 0)):
+                         ("sensitivity_images", 0), ("finetune_images", 0)):
             if getattr(self, name) < lo:
                 raise CompressError(f"--{name.replace('_', '-')} must be >= {lo}, got {getattr(self, name)}")
         if self.quant_calib not in ("minmax", "percentile"):
@@ -280,12 +282,10 @@ def finetune_target(cfg: Config, spec) -> str:
 
 
 def _check_outputs(cfg: Config, spec) -> None:
-    if cfg.finetune_steps > 0 and cfg.finetune_target == "logits" and spec.outputs != "logits":
-        raise CompressError("--finetune-target logits needs a classifier; this model is headless: use "
-                            "--finetune-target features")
-    if cfg.sensitivity_images > 0 and cfg.sensitivity_target == "logits" and spec.outputs != "logits":
-        raise CompressError("--sensitivity-target logits needs a classifier; this model is headless: use "
-                            "--sensitivity-target features")
+    for used, flag, target in ((cfg.finetune_steps > 0, "--finetune-target", cfg.finetune_target),
+                               (cfg.sensitivity_images > 0, "--sensitivity-target", cfg.sensitivity_target)):
+        if used and target == "logits" and spec.outputs != "logits":
+            raise CompressError(f"{flag} logits needs a classifier; this model is headless: use {flag} features")
 
 
 def prepare(config: Config, reuse: Prepared | None = None) -> Prepared | None:
@@ -359,17 +359,32 @@ def prepare(config: Config, reuse: Prepared | None = None) -> Prepared | None:
 def _heldout_images(cfg: Config, prep: Prepared) -> list[torch.Tensor]:
     """The ``cfg.heldout`` images drawn after the calibration ones (never fitted on), as batches."""
     n = cfg.heldout if cfg.refines or cfg.comp_rank > 0 or cfg.finetune_steps > 0 else 0
-    if n == 0:
-        return []
+    return _later_images(cfg, prep, len(prep.images), n, "held-out", "--heldout") if n else []
+
+
+def _distillation_images(cfg: Config, prep: Prepared, loader) -> list[torch.Tensor]:
+    """What distillation trains on: the calibration images, topped up to ``cfg.finetune_images`` with
+    images drawn after the held-out ones (unlabelled, never in the statistics nor in the checks)."""
+    own, extra = _tensors(loader), cfg.finetune_images - len(prep.images)
+    if extra <= 0:
+        return own
+    more = _later_images(cfg, prep, len(prep.images) + cfg.heldout, extra, "distillation", "--finetune-images")
+    log.info("distillation on %d images: %d calibration + %d more", len(prep.images) + sum(map(len, more)),
+             len(prep.images), sum(map(len, more)))
+    return own + more
+
+
+def _later_images(cfg: Config, prep: Prepared, skip: int, n: int, what: str, flag: str) -> list[torch.Tensor]:
+    """Up to ``n`` images of the calibration set after its first ``skip`` (the seeded order is
+    the same for any count), as batches."""
     try:
-        everything = load_image_set(prep.calib, num=cfg.num_calib + n, seed=cfg.seed)
-        held = dataclasses.replace(everything, paths=everything.paths[len(prep.images):],
-                                   labels=everything.labels[len(prep.images):],
-                                   arrays=None if everything.arrays is None else everything.arrays[len(prep.images):])
-        if len(held) == 0:
-            raise CalibrationDataError(f"{prep.calib} has no images left for the {n} held-out ones "
-                                       f"after {len(prep.images)} calibration images; lower --num-calib or --heldout")
-        return _tensors(make_loader(held, prep.model, batch_size=cfg.batch_size))
+        everything = load_image_set(prep.calib, num=skip + n, seed=cfg.seed)
+        part = dataclasses.replace(everything, paths=everything.paths[skip:], labels=everything.labels[skip:],
+                                   arrays=None if everything.arrays is None else everything.arrays[skip:])
+        if len(part) == 0:
+            raise CalibrationDataError(f"{prep.calib} has no images left for the {n} {what} ones after the first "
+                                       f"{skip}; lower --num-calib or {flag}")
+        return _tensors(make_loader(part, prep.model, batch_size=cfg.batch_size))
     except CalibrationDataError as e:
         raise CompressError(str(e)) from None
 
@@ -502,8 +517,9 @@ def run(config: Config, reuse: Prepared | None = None) -> RunResult | None:
     # optional recovery fine-tuning (beyond the paper): before INT8, so the ranges fit the tuned factors
     finetune = None
     if cfg.finetune_steps > 0 and pairs:
-        finetune = distill_(model, compressed, loader, cfg.finetune_steps, lr=cfg.finetune_lr, seed=cfg.seed,
-                            device=dev, batch_size=cfg.batch_size, target=finetune_target(cfg, prep.spec), heldout=held_x)
+        finetune = distill_(model, compressed, _distillation_images(cfg, prep, loader), cfg.finetune_steps, lr=cfg.finetune_lr, seed=cfg.seed,
+                            device=dev, batch_size=cfg.batch_size, target=finetune_target(cfg, prep.spec),
+                            heldout=held_x)
         lap("finetune")
     elif cfg.finetune_steps > 0:
         log.warning("fine-tuning skipped: no layer was factorised")

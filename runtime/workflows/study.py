@@ -81,11 +81,12 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "distill-logits": ("+ sequential refit + logit distillation", dict(seq_refit=True, finetune_steps=-1,
                                                                         finetune_target="logits")),
 }
-# -1 above: the study's --recon-steps (and --recon-lr) / --finetune-steps
+# -1 above: the study's --recon-steps (and --recon-lr) / --finetune-steps (and --finetune-images)
 
 
-def variant_options(name: str, recon_steps: int, finetune_steps: int, recon_lr: float | None = None) -> dict:
-    """The compress options of a row (``recon_lr`` None: compress's default)."""
+def variant_options(name: str, recon_steps: int, finetune_steps: int, recon_lr: float | None = None,
+                    finetune_images: int | None = None) -> dict:
+    """The compress options of a row (``recon_lr`` / ``finetune_images`` None: compress's default)."""
     opts = dict(_OFF, **VARIANTS[name][1])
     if opts["recon_steps"] < 0:
         opts["recon_steps"] = recon_steps
@@ -93,14 +94,18 @@ def variant_options(name: str, recon_steps: int, finetune_steps: int, recon_lr: 
             opts["recon_lr"] = recon_lr
     if opts["finetune_steps"] < 0:
         opts["finetune_steps"] = finetune_steps
+        if finetune_images is not None:
+            opts["finetune_images"] = finetune_images
     return opts
 
 
-def default_variant(recon_steps: int, finetune_steps: int, recon_lr: float | None = None) -> str | None:
+def default_variant(recon_steps: int, finetune_steps: int, recon_lr: float | None = None,
+                    finetune_images: int | None = None) -> str | None:
     """The variant equal to compress's own defaults (None if none is)."""
     defaults = config_defaults()
     for name in VARIANTS:
-        if all(defaults[k] == v for k, v in variant_options(name, recon_steps, finetune_steps, recon_lr).items()):
+        opts = variant_options(name, recon_steps, finetune_steps, recon_lr, finetune_images)
+        if all(defaults[k] == v for k, v in opts.items()):
             return name
     return None
 
@@ -121,6 +126,7 @@ class StudyConfig:
     recon_steps: int = 100
     recon_lr: float = config_defaults()["recon_lr"]
     finetune_steps: int = config_defaults()["finetune_steps"]
+    finetune_images: int = config_defaults()["finetune_images"]
     baselines: tuple[str, ...] = ()
     stats_cache: str | None = None
     batch_size: int = 100
@@ -185,7 +191,7 @@ def run_study(cfg: StudyConfig) -> dict | None:
             m.update(agreement=score(z, labels, ref_z).agreement)
         rows.append({"ratio": None, "variant": f"baseline:{name}", "int8": False,
                      "params": sum(p.numel() for p in small.parameters()), **m})
-    default = default_variant(cfg.recon_steps, cfg.finetune_steps, cfg.recon_lr)
+    default = default_variant(cfg.recon_steps, cfg.finetune_steps, cfg.recon_lr, cfg.finetune_images)
     int8 = cfg.int8 if cfg.int8 is not None else ((default,) if default else ())
     stats_cache = cfg.stats_cache or str(default_stats_cache())
     work = Path(tempfile.mkdtemp(prefix="study-"))
@@ -196,12 +202,12 @@ def run_study(cfg: StudyConfig) -> dict | None:
     result = {"model": cfg.model, "checkpoint": cfg.checkpoint, "data": images.root, "num_images": len(x),
               "num_calib": cfg.num_calib, "default_variant": default, "recon_steps": cfg.recon_steps,
               "recon_lr": cfg.recon_lr,
-              "finetune_steps": cfg.finetune_steps, "variants": {k: VARIANTS[k][0] for k in cfg.variants},
+              "finetune_steps": cfg.finetune_steps, "finetune_images": cfg.finetune_images, "variants": {k: VARIANTS[k][0] for k in cfg.variants},
               "rows": rows, "complete": False}
     prepared = None
     try:
         for ratio, variant in tqdm(distributed.split_jobs(jobs), desc="study", unit="config"):
-            opts = variant_options(variant, cfg.recon_steps, cfg.finetune_steps, cfg.recon_lr)
+            opts = variant_options(variant, cfg.recon_steps, cfg.finetune_steps, cfg.recon_lr, cfg.finetune_images)
             t = time.perf_counter()
             res = run(Config(model=cfg.model, checkpoint=cfg.checkpoint, pretrained=cfg.pretrained, calib=cfg.calib,
                              num_calib=cfg.num_calib, ratio=ratio, quant=variant in int8, stats_cache=stats_cache,
@@ -243,8 +249,9 @@ def write(result: dict, out: Path) -> None:
 # uses a setting when its variant leaves this option to the study, -1); studies older than a setting
 # ran at the value given here
 _SAME = ("model", "checkpoint", "data", "num_images", "num_calib")
-_SETTINGS = {"recon_steps": "recon_steps", "finetune_steps": "finetune_steps", "recon_lr": "recon_steps"}
-_BEFORE = {"recon_lr": 1e-3}
+_SETTINGS = {"recon_steps": "recon_steps", "finetune_steps": "finetune_steps", "recon_lr": "recon_steps",
+             "finetune_images": "finetune_steps"}
+_BEFORE = {"recon_lr": 1e-3, "finetune_images": 0}
 
 
 def merge(results: list[dict]) -> dict:
@@ -285,7 +292,8 @@ def merge(results: list[dict]) -> dict:
     ratios = {q for _, q, _ in rows}
     # complete: every variant has its FP32 row at every budget (a stopped piece's missing variants are left out)
     return {**{k: first.get(k) for k in _SAME}, **steps, "variants": variants,
-            "default_variant": default_variant(steps["recon_steps"], steps["finetune_steps"], steps["recon_lr"]),
+            "default_variant": default_variant(steps["recon_steps"], steps["finetune_steps"], steps["recon_lr"],
+                                               steps["finetune_images"]),
             "rows": [first["rows"][0]] + list(rows.values()),
             "complete": all((v, q, False) in rows for v in variants for q in ratios)}
 
@@ -327,7 +335,8 @@ def format_markdown(result: dict) -> str:
             + (f"top-1 {100 * dense['top1']:.2f}%, " if has_top1 else "headless (feature metrics only), ")
             + f"{dense['params']:,} parameters. Block reconstruction: {result['recon_steps']} steps per block "
               f"at lr {result.get('recon_lr', _BEFORE['recon_lr']):g}; "
-              f"distillation: {result['finetune_steps']} steps.")
+              f"distillation: {result['finetune_steps']} steps"
+            + (f" on {result['finetune_images']} images." if result.get("finetune_images") else "."))
     out = [head, ""] + ([] if result.get("complete", True) else ["**Partial: the study is still running or was "
                                                                   "stopped; rows so far.**", ""])
     if has_top1:
@@ -410,6 +419,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         f"(default: compress's, {lr:g})")
     p.add_argument("--finetune-steps", type=int, default=StudyConfig.finetune_steps,
                    help=f"distillation steps of the distill rows (default {StudyConfig.finetune_steps}: compress's own)")
+    p.add_argument("--finetune-images", type=int, default=StudyConfig.finetune_images,
+                   help="images the distill rows train on (compress --finetune-images; default "
+                        f"{StudyConfig.finetune_images}: compress's own)")
     p.add_argument("--baseline", action="append", default=[], metavar="MODEL[=CHECKPOINT]",
                    help="a smaller dense model to set against the compressed one (repeatable)")
     p.add_argument("--batch-size", type=int, default=100, help="evaluation batch size")
@@ -443,7 +455,7 @@ def main(args: argparse.Namespace) -> int:
     cfg = StudyConfig(model=args.model, out=args.out, checkpoint=args.checkpoint, pretrained=args.pretrained,
                       calib=args.calib, num_calib=args.num_calib, data=args.data, num=args.num, ratios=args.ratios,
                       variants=args.variants, int8=args.int8, recon_steps=args.recon_steps, recon_lr=args.recon_lr,
-                      finetune_steps=args.finetune_steps, baselines=tuple(args.baseline),
+                      finetune_steps=args.finetune_steps, finetune_images=args.finetune_images, baselines=tuple(args.baseline),
                       stats_cache=args.stats_cache, batch_size=args.batch_size)
     result = run_study(cfg)
     if result is None:   # a torchrun rank > 0

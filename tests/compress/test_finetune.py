@@ -201,3 +201,32 @@ def test_feature_target_fine_tunes_a_headless_model_and_logits_target_refuses_it
         run(tiny_config(out=str(tmp_path / "l"), finetune_target="logits", **kw))
     with pytest.raises(CompressError, match="finetune-target"):
         tiny_config(finetune_target="tokens")
+
+
+def test_distillation_images_top_up_the_calibration_ones_and_never_include_the_heldout(tiny_config, tmp_path):
+    from PIL import Image
+
+    from calibration_data import load_image_set, make_loader
+    from compress.pipeline import _distillation_images, _heldout_images, _tensors, prepare
+
+    cfg = tiny_config(num_calib=16, heldout=8, finetune_steps=3, finetune_images=40)
+    prep = prepare(cfg)
+    own = _tensors(prep.loader)
+    assert torch.equal(torch.cat(_distillation_images(tiny_config(finetune_steps=3), prep, prep.loader)),
+                       torch.cat(own))   # 0: the calibration images only
+    got = torch.cat(_distillation_images(cfg, prep, prep.loader))
+    held = torch.cat(_heldout_images(cfg, prep))
+    everything = load_image_set(prep.calib, num=16 + 8 + 24, seed=cfg.seed)
+    want = torch.cat(_tensors(make_loader(everything, prep.model, batch_size=64)))
+    assert len(got) == 40 and torch.equal(got[:16], torch.cat(own))
+    assert torch.equal(got[16:], want[24:]) and torch.equal(held, want[16:24])   # the held-out 8 are skipped
+
+    folder = tmp_path / "few" / "cls"   # 24 images: all of them calibration or held out
+    folder.mkdir(parents=True)
+    for i in range(24):
+        Image.new("RGB", (32, 32), (10 * i, 0, 0)).save(folder / f"{i}.png")
+    small = tiny_config(calib=str(folder.parent), num_calib=16, heldout=8, finetune_steps=3, finetune_images=40)
+    with pytest.raises(CompressError, match="no images left for the 24 distillation ones.*--finetune-images"):
+        _distillation_images(small, prepare(small), prep.loader)
+    with pytest.raises(CompressError, match="--finetune-images must be >= 0"):
+        tiny_config(finetune_images=-1)

@@ -16,12 +16,18 @@ def _svd_factors(lin):
     return lambda r: (U[:, :r] * S[:r], Vh[:r])
 
 
-def test_a_layer_the_network_damps_is_far_less_sensitive():
+def _damped_vit(head_scale: float = 1.0):
     torch.manual_seed(0)
     model = timm.create_model("vit_cifar_ref", pretrained=False, depth=2, embed_dim=64, num_heads=2,
                               init_values=1.0).eval()
     with torch.no_grad():
         model.blocks[0].ls1.gamma.fill_(1e-4)     # block 0's attention branch barely reaches the output
+        model.head.weight.mul_(head_scale)
+    return model
+
+
+def test_a_layer_the_network_damps_is_far_less_sensitive():
+    model = _damped_vit()
     names = ["blocks.0.attn.proj", "blocks.0.mlp.fc2"]
     lins = {n: model.get_submodule(n) for n in names}
     ranks = {n: 4 for n in names}
@@ -79,18 +85,8 @@ def test_plan_for_measures_again_where_the_reallocation_moved_a_layer(tiny_confi
     assert plan.params_after <= plan.target_params
 
 
-def _damped_vit():
-    torch.manual_seed(0)
-    model = timm.create_model("vit_cifar_ref", pretrained=False, depth=2, embed_dim=64, num_heads=2,
-                              init_values=1.0).eval()
-    with torch.no_grad():
-        model.blocks[0].ls1.gamma.fill_(1e-4)     # block 0's attention branch barely reaches the output
-        model.head.weight.mul_(20.0)              # confident predictions, as a trained head makes
-    return model
-
-
 def test_logit_target_measures_what_moves_the_heads_predictions():
-    model = _damped_vit()
+    model = _damped_vit(head_scale=20.0)          # confident predictions, as a trained head makes
     names = ["blocks.0.attn.proj", "blocks.0.mlp.fc2", "blocks.1.mlp.fc1"]
     lins = {n: model.get_submodule(n) for n in names}
     ranks, errors = {n: 4 for n in names}, {n: 0.1 for n in names}
