@@ -359,34 +359,39 @@ def prepare(config: Config, reuse: Prepared | None = None) -> Prepared | None:
 def _heldout_images(cfg: Config, prep: Prepared) -> list[torch.Tensor]:
     """The ``cfg.heldout`` images drawn after the calibration ones (never fitted on), as batches."""
     n = cfg.heldout if cfg.refines or cfg.comp_rank > 0 or cfg.finetune_steps > 0 else 0
-    return _later_images(cfg, prep, len(prep.images), n, "held-out", "--heldout") if n else []
+    held = _later_images(cfg, prep, len(prep.images), n) if n else []
+    if n and not held:
+        raise CompressError(f"{prep.calib} has no images left for the {n} held-out ones after "
+                            f"{len(prep.images)} calibration images; lower --num-calib or --heldout")
+    return held
 
 
 def _distillation_images(cfg: Config, prep: Prepared, loader) -> list[torch.Tensor]:
     """What distillation trains on: the calibration images, topped up to ``cfg.finetune_images`` with
-    images drawn after the held-out ones (unlabelled, never in the statistics nor in the checks)."""
+    images drawn after the held-out ones (unlabelled, never in the statistics nor in the checks);
+    as many as the set holds."""
     own, extra = _tensors(loader), cfg.finetune_images - len(prep.images)
     if extra <= 0:
         return own
-    more = _later_images(cfg, prep, len(prep.images) + cfg.heldout, extra, "distillation", "--finetune-images")
-    log.info("distillation on %d images: %d calibration + %d more", len(prep.images) + sum(map(len, more)),
-             len(prep.images), sum(map(len, more)))
+    more = _later_images(cfg, prep, len(prep.images) + cfg.heldout, extra)
+    n = sum(map(len, more))
+    log.info("distillation on %d images: %d calibration + %d more (--finetune-images %d%s)", len(prep.images) + n,
+             len(prep.images), n, cfg.finetune_images, "" if n == extra else ": the set holds no more")
     return own + more
 
 
-def _later_images(cfg: Config, prep: Prepared, skip: int, n: int, what: str, flag: str) -> list[torch.Tensor]:
-    """Up to ``n`` images of the calibration set after its first ``skip`` (the seeded order is
-    the same for any count), as batches."""
+def _later_images(cfg: Config, prep: Prepared, skip: int, n: int) -> list[torch.Tensor]:
+    """Up to ``n`` images of the calibration set after its first ``skip`` (the seeded order is the
+    same for any count), as batches; none where the set holds no more."""
     try:
         everything = load_image_set(prep.calib, num=skip + n, seed=cfg.seed)
-        part = dataclasses.replace(everything, paths=everything.paths[skip:], labels=everything.labels[skip:],
-                                   arrays=None if everything.arrays is None else everything.arrays[skip:])
-        if len(part) == 0:
-            raise CalibrationDataError(f"{prep.calib} has no images left for the {n} {what} ones after the first "
-                                       f"{skip}; lower --num-calib or {flag}")
-        return _tensors(make_loader(part, prep.model, batch_size=cfg.batch_size))
     except CalibrationDataError as e:
         raise CompressError(str(e)) from None
+    if len(everything) <= skip:
+        return []
+    part = dataclasses.replace(everything, paths=everything.paths[skip:], labels=everything.labels[skip:],
+                               arrays=None if everything.arrays is None else everything.arrays[skip:])
+    return _tensors(make_loader(part, prep.model, batch_size=cfg.batch_size))
 
 
 def _validate_compensation_(dense, compressed, plan, factors: Factors, pairs, held) -> dict:

@@ -1,6 +1,7 @@
 """Recovery fine-tuning (compress/finetune.py): distillation into the low-rank factors only."""
 import copy
 import json
+import logging
 
 import pytest
 import torch
@@ -203,7 +204,8 @@ def test_feature_target_fine_tunes_a_headless_model_and_logits_target_refuses_it
         tiny_config(finetune_target="tokens")
 
 
-def test_distillation_images_top_up_the_calibration_ones_and_never_include_the_heldout(tiny_config, tmp_path):
+def test_distillation_images_top_up_the_calibration_ones_and_never_include_the_heldout(tiny_config, tmp_path,
+                                                                                       caplog):
     from PIL import Image
 
     from calibration_data import load_image_set, make_loader
@@ -226,7 +228,13 @@ def test_distillation_images_top_up_the_calibration_ones_and_never_include_the_h
     for i in range(24):
         Image.new("RGB", (32, 32), (10 * i, 0, 0)).save(folder / f"{i}.png")
     small = tiny_config(calib=str(folder.parent), num_calib=16, heldout=8, finetune_steps=3, finetune_images=40)
-    with pytest.raises(CompressError, match="no images left for the 24 distillation ones.*--finetune-images"):
-        _distillation_images(small, prepare(small), prep.loader)
+    sprep = prepare(small)
+    with caplog.at_level(logging.INFO, logger="compress.pipeline"):   # as many as the set holds, said so
+        assert len(torch.cat(_distillation_images(small, sprep, sprep.loader))) == 16
+    assert "distillation on 16 images: 16 calibration + 0 more (--finetune-images 40: the set holds no more)" \
+        in caplog.text
+    every = tiny_config(calib=str(folder.parent), num_calib=24, heldout=8, finetune_steps=3)
+    with pytest.raises(CompressError, match="no images left for the 8 held-out ones.*--heldout"):
+        _heldout_images(every, prepare(every))   # the checks are not optional: an error
     with pytest.raises(CompressError, match="--finetune-images must be >= 0"):
         tiny_config(finetune_images=-1)
